@@ -1,0 +1,94 @@
+"""Typed, validated hyper-parameters of mL-BFGS.
+
+Every constant of the algorithm in ``DESIGN.md`` §1 is a field here with the design's default.
+Validation happens once, at construction, and raises :class:`ValueError` naming the argument
+and its allowed range, so a bad value never reaches a running (possibly multi-node) job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+ClipMode = Literal["kl", "none"]
+CLIP_MODES: tuple[str, ...] = ("kl", "none")
+
+
+def _require(condition: bool, name: str, allowed: str, value: object) -> None:
+    if not condition:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class MLBFGSConfig:
+    """Algorithm constants shared by all param groups (``lr``/``weight_decay`` are per group).
+
+    Args:
+        history_size: number m of curvature pairs kept per block (ring buffer).
+        update_freq: period T, in steps, of the momentum snapshots that form pairs.
+        beta_param: EMA factor βθ of the parameter momentum buffer.
+        beta_grad: EMA factor βg of the gradient momentum buffer.
+        damping: 1 − τ0; 0 disables damping inside [sigma_low, sigma_high].
+        sigma_low: lower bound σL of the curvature ratio μ = sᵀy/sᵀs.
+        sigma_high: upper bound σH of μ.
+        curvature_eps: ε of the acceptance test sᵀŷ > ε·sᵀs.
+        clip: step-size guard, ``"kl"`` (ν = min(1, sqrt(κ/gᵀd))) or ``"none"``.
+        kl_clip: κ of the ``"kl"`` guard.
+        momentum: outer heavy-ball momentum μ.
+        nesterov: use Nesterov's variant of the outer momentum.
+    """
+
+    history_size: int = 10
+    update_freq: int = 50
+    beta_param: float = 0.9
+    beta_grad: float = 0.9
+    damping: float = 0.2
+    sigma_low: float = 0.01
+    sigma_high: float = 1.5
+    curvature_eps: float = 1e-8
+    clip: ClipMode = "kl"
+    kl_clip: float = 0.005
+    momentum: float = 0.9
+    nesterov: bool = False
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.history_size, int) and self.history_size >= 1,
+                 "history_size", "an integer >= 1", self.history_size)
+        _require(isinstance(self.update_freq, int) and self.update_freq >= 1,
+                 "update_freq", "an integer >= 1", self.update_freq)
+        for name in ("beta_param", "beta_grad"):
+            value = getattr(self, name)
+            _require(_finite(value) and 0.0 <= value < 1.0, name, "in [0, 1)", value)
+        _require(_finite(self.damping) and 0.0 <= self.damping < 1.0,
+                 "damping", "in [0, 1)", self.damping)
+        _require(_finite(self.sigma_low) and 0.0 <= self.sigma_low < 1.0,
+                 "sigma_low", "in [0, 1)", self.sigma_low)
+        _require(_finite(self.sigma_high) and self.sigma_high > 1.0,
+                 "sigma_high", "a finite number > 1", self.sigma_high)
+        _require(_finite(self.curvature_eps) and self.curvature_eps >= 0.0,
+                 "curvature_eps", "a finite number >= 0", self.curvature_eps)
+        _require(self.clip in CLIP_MODES, "clip", f"one of {CLIP_MODES}", self.clip)
+        _require(_finite(self.kl_clip) and self.kl_clip > 0.0,
+                 "kl_clip", "a finite number > 0", self.kl_clip)
+        _require(_finite(self.momentum) and 0.0 <= self.momentum < 1.0,
+                 "momentum", "in [0, 1)", self.momentum)
+        _require(isinstance(self.nesterov, bool), "nesterov", "a bool", self.nesterov)
+        _require(not (self.nesterov and self.momentum == 0.0),
+                 "nesterov", "False when momentum == 0 (Nesterov needs momentum > 0)",
+                 self.nesterov)
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+def validate_group_hyperparameters(*, lr: float, weight_decay: float) -> None:
+    """Check the per-group hyper-parameters (shared by the constructor and ``add_param_group``)."""
+    _require(_finite(lr) and lr >= 0.0, "lr", "a finite number >= 0", lr)
+    _require(_finite(weight_decay) and weight_decay >= 0.0,
+             "weight_decay", "a finite number >= 0", weight_decay)
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,171 @@
+"""Per-block curvature: damping, the pair ring buffer and the two-loop recursion.
+
+Pure tensor code with no knowledge of ranks or param groups: :class:`BlockCurvature` holds one
+block's history of the last ``m`` accepted pairs and applies the L-BFGS inverse-Hessian
+estimate ``H`` to a vector (``DESIGN.md`` §1, steps 4–6).
+
+Ring layout (m = 4, three pairs accepted, ``head`` = next slot to write)::
+
+    slot:   0     1     2     3
+    S:    [s₁]  [s₂]  [s₃]  [  ]      count = 3, head = 3
+    Y:    [ŷ₁]  [ŷ₂]  [ŷ₃]  [  ]      newest pair = slot (head − 1) mod m
+
+All state is tensors of fixed shape (``S``/``Y`` of ``(m, n)``, ``rho`` of ``(m,)``, 0-d
+``gamma``/``head``/``count``), so it serialises with ``torch.save`` and HDF5 alike.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .config import MLBFGSConfig
+
+#: Names of the tensors that make up one block's curvature state, in checkpoint order.
+CURVATURE_STATE_KEYS: tuple[str, ...] = (
+    "S", "Y", "rho", "gamma", "head", "count", "accepted", "rejected")
+
+
+@dataclass(frozen=True)
+class DampedPair:
+    """Outcome of damping a pair: the mixing factor and the dot products the test needs."""
+
+    tau: float
+    s_dot_s: float
+    s_dot_yhat: float
+    yhat_dot_yhat: float
+
+    def accepted(self, curvature_eps: float) -> bool:
+        values = (self.s_dot_s, self.s_dot_yhat, self.yhat_dot_yhat)
+        return (all(math.isfinite(v) for v in values)
+                and self.s_dot_s > 0.0
+                and self.s_dot_yhat > curvature_eps * self.s_dot_s)
+
+
+def damping_factor(mu: float, *, tau0: float, sigma_low: float, sigma_high: float) -> float:
+    """τ that keeps μ = sᵀy/sᵀs of the damped pair inside [σL, σH] (DESIGN.md §1.4)."""
+    if mu < sigma_low:
+        return min((1.0 - sigma_low) / (1.0 - mu), tau0)
+    if mu > sigma_high:
+        return min((sigma_high - 1.0) / (mu - 1.0), tau0)
+    return tau0
+
+
+def damp_pair_(s: torch.Tensor, y: torch.Tensor, *, config: MLBFGSConfig) -> DampedPair:
+    """Overwrite ``y`` with ŷ = τ·y + (1−τ)·s and return τ and the dot products.
+
+    The dots are accumulated in the tensors' dtype and read back as Python floats: this runs
+    once every ``update_freq`` steps, so the host synchronisation is negligible.
+    """
+    s_dot_s = float(torch.dot(s, s))
+    s_dot_y = float(torch.dot(s, y))
+    mu = s_dot_y / s_dot_s if s_dot_s > 0.0 and math.isfinite(s_dot_s) else math.nan
+    if math.isfinite(mu):
+        tau = damping_factor(mu, tau0=1.0 - config.damping,
+                             sigma_low=config.sigma_low, sigma_high=config.sigma_high)
+    else:
+        tau = 1.0  # the pair is rejected below; keep y untouched
+    if tau != 1.0:
+        y.mul_(tau).add_(s, alpha=1.0 - tau)
+    return DampedPair(tau=tau, s_dot_s=s_dot_s, s_dot_yhat=float(torch.dot(s, y)),
+                      yhat_dot_yhat=float(torch.dot(y, y)))
+
+
+class BlockCurvature:
+    """The curvature history of one block and the two-loop recursion on it.
+
+    Args:
+        numel: number of parameters of the block.
+        history_size: ring capacity m.
+        dtype: dtype of the history (the parameters' dtype).
+        device: device of the history.
+    """
+
+    def __init__(self, *, numel: int, history_size: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        if numel < 1:
+            raise ValueError(f"numel must be >= 1, got {numel}")
+        if history_size < 1:
+            raise ValueError(f"history_size must be >= 1, got {history_size}")
+        self.numel = numel
+        self.history_size = history_size
+        kw = {"dtype": dtype, "device": device}
+        self.S = torch.zeros(history_size, numel, **kw)
+        self.Y = torch.zeros(history_size, numel, **kw)
+        self.rho = torch.zeros(history_size, **kw)
+        self.gamma = torch.ones((), **kw)
+        self.head = torch.zeros((), dtype=torch.int64)
+        self.count = torch.zeros((), dtype=torch.int64)
+        self.accepted = torch.zeros((), dtype=torch.int64)
+        self.rejected = torch.zeros((), dtype=torch.int64)
+        # Row views and scalar scratch are made once so the per-step recursion allocates
+        # no tensor storage (views of existing storage only).
+        self._s_rows = self.S.unbind(0)
+        self._y_rows = self.Y.unbind(0)
+        self._rho_items = self.rho.unbind(0)
+        self._alpha = torch.zeros(history_size, **kw)
+        self._alpha_items = self._alpha.unbind(0)
+        self._beta = torch.zeros((), **kw)
+        self._order: list[int] = []
+
+    # ---- state --------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {key: getattr(self, key) for key in CURVATURE_STATE_KEYS}
+
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        for key in CURVATURE_STATE_KEYS:
+            target = getattr(self, key)
+            value = state[key]
+            if tuple(value.shape) != tuple(target.shape):
+                raise ValueError(f"curvature state {key!r} has shape {tuple(value.shape)}, "
+                                 f"expected {tuple(target.shape)}")
+            target.copy_(value)
+        self._refresh_order()
+
+    @property
+    def has_curvature(self) -> bool:
+        return bool(self._order)
+
+    def _refresh_order(self) -> None:
+        head, count, m = int(self.head), int(self.count), self.history_size
+        # Newest first: the first loop of the recursion runs newest → oldest.
+        self._order = [(head - 1 - k) % m for k in range(count)]
+
+    # ---- pairs --------------------------------------------------------------------------
+    def offer_pair(self, s: torch.Tensor, y: torch.Tensor, *, config: MLBFGSConfig) -> bool:
+        """Damp ``(s, y)`` (``y`` is overwritten with ŷ) and push it if it passes the test."""
+        pair = damp_pair_(s, y, config=config)
+        if not pair.accepted(config.curvature_eps):
+            self.rejected += 1
+            return False
+        slot = int(self.head)
+        self._s_rows[slot].copy_(s)
+        self._y_rows[slot].copy_(y)
+        self.rho[slot] = 1.0 / pair.s_dot_yhat
+        self.gamma.fill_(pair.s_dot_yhat / pair.yhat_dot_yhat)
+        self.head.fill_((slot + 1) % self.history_size)
+        self.count.fill_(min(int(self.count) + 1, self.history_size))
+        self.accepted += 1
+        self._refresh_order()
+        return True
+
+    # ---- direction ----------------------------------------------------------------------
+    def apply_inverse_hessian_(self, q: torch.Tensor) -> torch.Tensor:
+        """In place ``q ← H·q`` by the two-loop recursion with H0 = γ·I (needs a pair).
+
+        One Python iteration per stored pair (m ≤ a few dozen), each a fused BLAS-1 call over
+        the whole block: no loop over parameter tensors, no allocation.
+        """
+        alpha, beta = self._alpha_items, self._beta
+        for i in self._order:                       # newest → oldest
+            torch.dot(self._s_rows[i], q, out=alpha[i])
+            alpha[i].mul_(self._rho_items[i])
+            q.addcmul_(self._y_rows[i], alpha[i], value=-1.0)
+        q.mul_(self.gamma)
+        for i in reversed(self._order):             # oldest → newest
+            torch.dot(self._y_rows[i], q, out=beta)
+            beta.mul_(self._rho_items[i]).neg_().add_(alpha[i])   # αᵢ − βᵢ
+            q.addcmul_(self._s_rows[i], beta)
+        return q

@@ -1,0 +1,457 @@
+"""mL-BFGS as a ``torch.optim.Optimizer``, block-diagonal and split across MPI ranks.
+
+Layout on p ranks (ownership from :mod:`mlbfgs_hpc.partition`)::
+
+    flat vector:  | block 0 | block 1 | block 2 | block 3 | block 4 |
+    owner:        |  rank 0           | rank 1  |  rank 2           |
+    per rank:      m_param, m_grad, snapshots, outer momentum  -> flat over the owned slice
+                   S, Ŷ, ρ, γ ring per owned block            -> BlockCurvature
+    every rank:    the full update vector (Allgatherv target), applied to all parameters
+
+Step on every rank (DESIGN.md §1–§2)::
+
+    gradients averaged (GradientReducer)          -> copy owned grads/params into flat buffers
+    allgather(non-finite flag)                    -> skip the step everywhere if any rank saw one
+    g = grad + wd·θ; EMA buffers; pairs at t = kT -> two-loop per owned block
+    allgather(gᵀd, #curved blocks, counters)      -> identical guard ν on every rank
+    outer momentum, lr per param group            -> Allgatherv(update)   -> θ ← θ − update
+
+With one process the communicator is local and every collective is the identity.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .blocks import ParamBlock, blocks_from_parameters
+from .comm import GRAD_BACKENDS, GradBackend, GradientReducer, LocalCommunicator, tensor_digest
+from .config import MLBFGSConfig, validate_group_hyperparameters
+from .curvature import BlockCurvature
+from .partition import Ownership
+
+logger = logging.getLogger(__name__)
+
+#: Flat per-rank buffers whose per-block slices are part of the checkpointed block state.
+FLAT_STATE_KEYS: tuple[str, ...] = (
+    "m_param", "m_grad", "snap_param", "snap_grad", "momentum_buffer")
+#: Step counters and guard values, identical on every rank.
+GLOBAL_STATE_KEYS: tuple[str, ...] = (
+    "step", "skipped_steps", "sgd_fallbacks", "accepted_pairs", "rejected_pairs",
+    "last_nu", "last_gamma")
+STATE_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """A run of owned elements that share one param group (for per-group lr and wd)."""
+
+    start: int
+    stop: int
+    group: int
+
+
+class MLBFGS(torch.optim.Optimizer):
+    """Momentum-based stochastic L-BFGS (Niu et al., TMLR 2023), block-wise and distributed.
+
+    Args:
+        params: parameters or param-group dicts, as for any torch optimizer. Groups may set
+            their own ``lr`` and ``weight_decay``.
+        blocks: the blocks of the block-diagonal Hessian, e.g. ``build_blocks(model)``; they
+            must cover exactly the optimized parameters. ``None``: one block per parameter
+            tensor.
+        lr: learning rate (default for groups that do not set one).
+        weight_decay: coupled weight decay, ``g = grad + wd·θ`` (per-group default).
+        history_size: curvature pairs kept per block (m).
+        update_freq: snapshot period T in steps; the first pair forms at step 2T.
+        beta_param: EMA factor of the parameter momentum buffer.
+        beta_grad: EMA factor of the gradient momentum buffer.
+        damping: 1 − τ0 of the pair damping (0 disables it inside [σL, σH]).
+        sigma_low: lower bound of the curvature ratio sᵀy/sᵀs.
+        sigma_high: upper bound of the curvature ratio.
+        curvature_eps: acceptance threshold ε of sᵀŷ > ε·sᵀs.
+        clip: step-size guard, ``"kl"`` or ``"none"``.
+        kl_clip: κ of the ``"kl"`` guard, ν = min(1, sqrt(κ/gᵀd)).
+        momentum: outer heavy-ball momentum.
+        nesterov: Nesterov variant of the outer momentum.
+        comm: communicator from :func:`~mlbfgs_hpc.comm.init_communicator`; ``None`` for a
+            single process.
+        grad_backend: ``"horovod"`` or ``"mpi"``: how gradients are averaged across ranks
+            (ignored on one rank). ``None`` leaves the gradients alone (the caller averages).
+        param_names: names of the parameters for the Horovod collectives and checkpoints
+            (taken from ``blocks`` when they carry names).
+
+    Raises:
+        ValueError: a hyper-parameter is out of range, blocks and params disagree, or the
+            parameters mix dtypes or devices.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        *,
+        blocks: Sequence[ParamBlock] | None = None,
+        lr: float = 0.1,
+        weight_decay: float = 0.0,
+        history_size: int = 10,
+        update_freq: int = 50,
+        beta_param: float = 0.9,
+        beta_grad: float = 0.9,
+        damping: float = 0.2,
+        sigma_low: float = 0.01,
+        sigma_high: float = 1.5,
+        curvature_eps: float = 1e-8,
+        clip: str = "kl",
+        kl_clip: float = 0.005,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        comm: LocalCommunicator | None = None,
+        grad_backend: GradBackend | None = "horovod",
+    ) -> None:
+        validate_group_hyperparameters(lr=lr, weight_decay=weight_decay)
+        self.config = MLBFGSConfig(
+            history_size=history_size, update_freq=update_freq, beta_param=beta_param,
+            beta_grad=beta_grad, damping=damping, sigma_low=sigma_low, sigma_high=sigma_high,
+            curvature_eps=curvature_eps, clip=clip, kl_clip=kl_clip,  # type: ignore[arg-type]
+            momentum=momentum, nesterov=nesterov)
+        if grad_backend is not None and grad_backend not in GRAD_BACKENDS:
+            raise ValueError(
+                f"grad_backend must be one of {GRAD_BACKENDS} or None, got {grad_backend!r}")
+        self._constructing = True
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+        self._constructing = False
+        self.comm = comm if comm is not None else LocalCommunicator()
+
+        group_params = [p for group in self.param_groups for p in group["params"]]
+        self.blocks = list(blocks) if blocks is not None else blocks_from_parameters(group_params)
+        self._check_blocks(group_params)
+        self._layout_params = [p for block in self.blocks for p in block.params]
+        self.param_names = [n for block in self.blocks for n in block.param_names]
+        first = self._layout_params[0]
+        self._dtype, self._device = first.dtype, first.device
+
+        self.ownership = Ownership.build(block_numels=[b.numel for b in self.blocks],
+                                         world_size=self.comm.size)
+        self._build_local_layout()
+        self._reducer = (None if grad_backend is None else GradientReducer(
+            comm=self.comm, named_params=list(zip(self.param_names, self._layout_params)),
+            backend=grad_backend))
+        self.grad_backend = grad_backend
+        logger.debug("rank %d owns blocks %s (%d of %d parameters)", self.comm.rank,
+                     self.owned_blocks, self._owned_numel, self.ownership.total_numel)
+
+    # ---- construction helpers ----------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not getattr(self, "_constructing", False):
+            raise RuntimeError("MLBFGS fixes its blocks at construction: add every param "
+                               "group to the constructor instead of add_param_group()")
+        for key in ("lr", "weight_decay"):
+            if key in param_group:
+                validate_group_hyperparameters(
+                    lr=param_group.get("lr", 0.0), weight_decay=param_group.get(
+                        "weight_decay", 0.0))
+        super().add_param_group(param_group)
+
+    def _check_blocks(self, group_params: list[torch.Tensor]) -> None:
+        in_groups = {id(p) for p in group_params}
+        in_blocks = [p for b in self.blocks for p in b.params]
+        if len({id(p) for p in in_blocks}) != len(in_blocks):
+            raise ValueError("blocks must not share parameters")
+        names = {id(p): n for b in self.blocks for n, p in zip(b.param_names, b.params)}
+        missing = [i for i, p in enumerate(group_params) if id(p) not in names]
+        extra = [names[id(p)] for p in in_blocks if id(p) not in in_groups]
+        if missing or extra:
+            raise ValueError(
+                "blocks must cover exactly the optimized parameters: "
+                f"params not in any block (param index): {missing}; "
+                f"block params not being optimized: {extra}")
+        dtypes = {p.dtype for p in in_blocks}
+        devices = {p.device for p in in_blocks}
+        if len(dtypes) != 1 or len(devices) != 1 or not next(iter(dtypes)).is_floating_point:
+            raise ValueError("params must share one floating dtype and one device, got "
+                             f"dtypes {sorted(map(str, dtypes))}, devices "
+                             f"{sorted(map(str, devices))}")
+
+    def _build_local_layout(self) -> None:
+        own = self.ownership
+        rank = self.comm.rank
+        self.owned_blocks = own.blocks_of(rank)
+        self._owned_offset = own.offsets[rank]
+        self._owned_numel = own.counts[rank]
+        kw = {"dtype": self._dtype, "device": self._device}
+        n = self._owned_numel
+        # Flat per-rank buffers over the owned slice: elementwise work is one op per step.
+        self._grad = torch.zeros(n, **kw)
+        self._param = torch.zeros(n, **kw)
+        self._direction = torch.zeros(n, **kw)
+        self._flat_state = {key: torch.zeros(n, **kw) for key in FLAT_STATE_KEYS}
+        # The full update vector; this rank writes its slice, Allgatherv fills the rest.
+        self._update = torch.zeros(own.total_numel, **kw)
+        self._owned_update = self._update.narrow(0, self._owned_offset, n)
+        self._update_views = [v.view_as(p) for v, p in zip(
+            self._update.split([p.numel() for p in self._layout_params]), self._layout_params)]
+
+        group_of = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
+        owned_params: list[torch.Tensor] = []
+        segments: list[_Segment] = []
+        self._block_slices: dict[int, slice] = {}
+        self._curvature: dict[int, BlockCurvature] = {}
+        cursor = 0
+        max_block = 0
+        for b in self.owned_blocks:
+            block = self.blocks[b]
+            self._block_slices[b] = slice(cursor, cursor + block.numel)
+            self._curvature[b] = BlockCurvature(
+                numel=block.numel, history_size=self.config.history_size, **kw)
+            max_block = max(max_block, block.numel)
+            for p in block.params:
+                gi = group_of[id(p)]
+                if segments and segments[-1].group == gi and segments[-1].stop == cursor:
+                    segments[-1] = _Segment(segments[-1].start, cursor + p.numel(), gi)
+                else:
+                    segments.append(_Segment(cursor, cursor + p.numel(), gi))
+                owned_params.append(p)
+                cursor += p.numel()
+        self._owned_params = owned_params
+        self._segments = segments
+        sizes = [p.numel() for p in owned_params]
+        self._grad_views = list(self._grad.split(sizes))
+        self._param_views = list(self._param.split(sizes))
+        # Scratch for forming (s, y) without touching the ring before the pair is accepted.
+        self._scratch_s = torch.zeros(max_block, **kw)
+        self._scratch_y = torch.zeros(max_block, **kw)
+        self._global = {
+            "step": torch.zeros((), dtype=torch.int64),
+            "skipped_steps": torch.zeros((), dtype=torch.int64),
+            "sgd_fallbacks": torch.zeros((), dtype=torch.int64),
+            "accepted_pairs": torch.zeros((), dtype=torch.int64),
+            "rejected_pairs": torch.zeros((), dtype=torch.int64),
+            "last_nu": torch.ones((), dtype=torch.float64),
+            "last_gamma": torch.full((), math.nan, dtype=torch.float64),
+        }
+
+    # ---- public read-outs --------------------------------------------------------------
+    @property
+    def counters(self) -> dict[str, float]:
+        """Run-wide counters, identical on every rank.
+
+        ``accepted_pairs``/``rejected_pairs`` sum over all blocks; ``sgd_fallbacks`` counts
+        steps whose gᵀd was non-finite or non-positive; ``skipped_steps`` counts steps skipped
+        for a non-finite gradient; ``last_gamma`` is the mean γ over blocks with curvature;
+        ``last_nu`` the step-size factor of the last step.
+        """
+        return {key: (float(v) if v.is_floating_point() else int(v))
+                for key, v in self._global.items()}
+
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of optimizer state held by this rank (buffers, rings, scratch)."""
+        tensors = [self._grad, self._param, self._direction, self._scratch_s, self._scratch_y,
+                   *self._flat_state.values()]
+        tensors += [t for c in self._curvature.values() for t in c.state_tensors().values()]
+        return sum(t.numel() * t.element_size() for t in tensors) + \
+            self._update.numel() * self._update.element_size()
+
+    def check_consistency(self) -> None:
+        """Raise ``RuntimeError`` if the parameters differ (bitwise) between ranks."""
+        digest = tensor_digest(self._layout_params)
+        digests = self.comm.allgather_object(digest)
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"parameters differ across ranks (CRC32 per rank: {digests})")
+
+    # ---- the step -------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._reducer is not None:
+            self._reducer.synchronize()
+        self._gather_owned()
+
+        # Every decision below uses values gathered from all ranks and reduced in rank order,
+        # so all ranks branch identically and nobody is left waiting in a collective.
+        local_bad = 0.0 if bool(torch.isfinite(self._grad).all()) else 1.0
+        if self.comm.allgather_scalars([local_bad]).sum() > 0:
+            self._global["skipped_steps"] += 1
+            logger.warning("non-finite gradient: step skipped (%d so far)",
+                           int(self._global["skipped_steps"]))
+            return loss
+
+        self._global["step"] += 1
+        t = int(self._global["step"])
+        cfg = self.config
+        self._apply_weight_decay()
+        self._update_momentum_buffers(first=(t == 1))
+        if t % cfg.update_freq == 0:
+            if t >= 2 * cfg.update_freq:
+                self._form_pairs()
+            self._flat_state["snap_param"].copy_(self._flat_state["m_param"])
+            self._flat_state["snap_grad"].copy_(self._flat_state["m_grad"])
+
+        g_dot_d = 0.0
+        curved = 0
+        gamma_sum = 0.0
+        for b, sl in self._block_slices.items():
+            d, g = self._direction[sl], self._grad[sl]
+            d.copy_(g)
+            curvature = self._curvature[b]
+            if curvature.has_curvature:
+                curvature.apply_inverse_hessian_(d)
+                curved += 1
+                gamma_sum += float(curvature.gamma)
+            g_dot_d += float(torch.dot(g, d))
+        accepted = sum(int(c.accepted) for c in self._curvature.values())
+        rejected = sum(int(c.rejected) for c in self._curvature.values())
+        totals = _sum_in_rank_order(self.comm.allgather_scalars(
+            [g_dot_d, curved, gamma_sum, accepted, rejected]))
+        g_dot_d, curved_total = totals[0], int(totals[1])
+        self._global["accepted_pairs"].fill_(int(totals[3]))
+        self._global["rejected_pairs"].fill_(int(totals[4]))
+        if curved_total:
+            self._global["last_gamma"].fill_(totals[2] / curved_total)
+
+        nu = 1.0
+        if curved_total:  # the guard acts only once curvature is in use (DESIGN.md §1.7)
+            if not math.isfinite(g_dot_d) or g_dot_d <= 0.0:
+                self._direction.copy_(self._grad)
+                self._global["sgd_fallbacks"] += 1
+            elif cfg.clip == "kl":
+                nu = min(1.0, math.sqrt(cfg.kl_clip / g_dot_d))
+                if nu < 1.0:
+                    self._direction.mul_(nu)
+        self._global["last_nu"].fill_(nu)
+
+        self._apply_outer_momentum(first=(t == 1))
+        self.comm.allgatherv_(self._update, self.ownership.counts, self.ownership.offsets)
+        torch._foreach_sub_(self._layout_params, self._update_views)
+        return loss
+
+    def _gather_owned(self) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p)
+                 for p in self._owned_params]
+        if grads:
+            torch._foreach_copy_(self._grad_views, [g.reshape(-1) for g in grads])
+            torch._foreach_copy_(self._param_views, [p.reshape(-1) for p in self._owned_params])
+
+    def _apply_weight_decay(self) -> None:
+        for seg in self._segments:
+            wd = self.param_groups[seg.group]["weight_decay"]
+            if wd:
+                self._grad[seg.start:seg.stop].add_(self._param[seg.start:seg.stop], alpha=wd)
+
+    def _update_momentum_buffers(self, *, first: bool) -> None:
+        m_param, m_grad = self._flat_state["m_param"], self._flat_state["m_grad"]
+        if first:  # normalised EMAs start at the first value (no bias correction)
+            m_param.copy_(self._param)
+            m_grad.copy_(self._grad)
+        else:
+            m_param.lerp_(self._param, 1.0 - self.config.beta_param)
+            m_grad.lerp_(self._grad, 1.0 - self.config.beta_grad)
+
+    def _form_pairs(self) -> None:
+        state = self._flat_state
+        for b, sl in self._block_slices.items():
+            n = sl.stop - sl.start
+            s, y = self._scratch_s[:n], self._scratch_y[:n]
+            torch.sub(state["m_param"][sl], state["snap_param"][sl], out=s)
+            torch.sub(state["m_grad"][sl], state["snap_grad"][sl], out=y)
+            self._curvature[b].offer_pair(s, y, config=self.config)
+
+    def _apply_outer_momentum(self, *, first: bool) -> None:
+        cfg = self.config
+        buf = self._flat_state["momentum_buffer"]
+        if cfg.momentum == 0.0:
+            step_vector = self._direction
+        else:
+            if first:
+                buf.copy_(self._direction)
+            else:
+                buf.mul_(cfg.momentum).add_(self._direction)
+            step_vector = (self._direction.add_(buf, alpha=cfg.momentum)
+                           if cfg.nesterov else buf)
+        for seg in self._segments:
+            lr = self.param_groups[seg.group]["lr"]
+            torch.mul(step_vector[seg.start:seg.stop], lr,
+                      out=self._owned_update[seg.start:seg.stop])
+
+    # ---- state -------------------------------------------------------------------------
+    def block_state(self, block: int) -> dict[str, torch.Tensor]:
+        """Views of one owned block's state tensors (flat buffers sliced, curvature ring)."""
+        sl = self._block_slices[block]
+        state = {key: buf[sl] for key, buf in self._flat_state.items()}
+        state.update(self._curvature[block].state_tensors())
+        return state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Fixed-shape tensor state of the blocks this rank owns, plus global counters.
+
+        ``{"state": {block: {name: tensor}}, "global": {...}, "param_groups": [...],
+        "config": {...}, "blocks": [...], "format_version": 1}``; block tensors are copies.
+        """
+        param_index = {id(p): i for i, p in enumerate(
+            p for g in self.param_groups for p in g["params"])}
+        groups = [{**{k: v for k, v in g.items() if k != "params"},
+                   "params": [param_index[id(p)] for p in g["params"]]}
+                  for g in self.param_groups]
+        return {
+            "format_version": STATE_FORMAT_VERSION,
+            "state": {b: {k: v.clone() for k, v in self.block_state(b).items()}
+                      for b in self.owned_blocks},
+            "global": {k: v.clone() for k, v in self._global.items()},
+            "param_groups": groups,
+            "config": self.config.to_dict(),
+            "blocks": [{"name": b.name, "param_names": list(b.param_names), "numel": b.numel}
+                       for b in self.blocks],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state saved on any number of ranks: this rank takes the blocks it owns.
+
+        Raises:
+            ValueError: the block table differs from this optimizer's, or a block this rank
+                owns is missing from ``state_dict``.
+        """
+        if state_dict.get("format_version") != STATE_FORMAT_VERSION:
+            raise ValueError(f"unsupported optimizer state format_version "
+                             f"{state_dict.get('format_version')!r}, "
+                             f"expected {STATE_FORMAT_VERSION}")
+        saved = [(b["name"], tuple(b["param_names"]), int(b["numel"]))
+                 for b in state_dict["blocks"]]
+        mine = [(b.name, b.param_names, b.numel) for b in self.blocks]
+        if saved != mine:
+            diff = [f"block {i}: saved {s} vs model {m}" for i, (s, m) in
+                    enumerate(zip(saved, mine)) if s != m]
+            raise ValueError("optimizer state was saved for other blocks: "
+                             f"{len(saved)} saved vs {len(mine)} blocks; " + "; ".join(diff[:5]))
+        missing = [b for b in self.owned_blocks if b not in state_dict["state"]]
+        if missing:
+            raise ValueError(f"optimizer state lacks owned blocks {missing}")
+        if len(state_dict["param_groups"]) != len(self.param_groups):
+            raise ValueError("optimizer state has a different number of param groups")
+        for b in self.owned_blocks:
+            saved_block = state_dict["state"][b]
+            sl = self._block_slices[b]
+            for key in FLAT_STATE_KEYS:
+                self._flat_state[key][sl].copy_(saved_block[key])
+            self._curvature[b].load_state_tensors(saved_block)
+        for key in GLOBAL_STATE_KEYS:
+            self._global[key].copy_(state_dict["global"][key])
+        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
+            for key, value in saved_group.items():
+                if key != "params":
+                    group[key] = value
+
+
+def _sum_in_rank_order(per_rank: Any) -> list[float]:
+    """Column sums of a (ranks × values) array, added in rank order on every rank."""
+    totals = [0.0] * per_rank.shape[1]
+    for row in per_rank:
+        for j, value in enumerate(row):
+            totals[j] += float(value)
+    return totals
