@@ -1,0 +1,63 @@
+"""Helpers for tests that run real ``mpirun`` jobs: environment, launch with a timeout,
+and the "distributed result equals single-process result" comparison."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+SCRIPTS = REPO / "tests" / "mpi_scripts"
+
+
+def mpi_env(**extra: str) -> dict[str, str]:
+    """Environment for ``mpirun`` as root, oversubscribed on a small machine."""
+    env = dict(os.environ)
+    env.update({
+        "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+        "OMPI_MCA_rmaps_base_oversubscribe": "1", "OMP_NUM_THREADS": "1",
+        # Oversubscribed ranks must yield the CPU while they wait, or they starve each other.
+        "OMPI_MCA_mpi_yield_when_idle": "1",
+        "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+    })
+    env.update(extra)
+    return env
+
+
+def mpirun(np: int, args: list[str], *, timeout: float = 240,
+           env: dict[str, str] | None = None, check: bool = True
+           ) -> subprocess.CompletedProcess[str]:
+    """Run ``mpirun -np NP python ARGS`` (or plain python for NP == 0) with a hard timeout.
+
+    A timeout fails the calling test via ``subprocess.TimeoutExpired`` instead of hanging.
+    """
+    if np == 0:
+        cmd = [PYTHON, *args]
+    else:
+        mpirun_bin = shutil.which("mpirun")
+        assert mpirun_bin, "mpirun not found: run tools/bootstrap.sh"
+        cmd = [mpirun_bin, "-np", str(np), PYTHON, *args]
+    proc = subprocess.run(cmd, env=env or mpi_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n"
+                             f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def assert_same_params(reference: dict[str, torch.Tensor], other: dict[str, torch.Tensor],
+                       *, atol: float, rtol: float = 0.0) -> float:
+    """Assert two parameter dicts agree within tolerance; return the largest difference."""
+    assert reference.keys() == other.keys()
+    worst = 0.0
+    for name, ref in reference.items():
+        diff = (ref - other[name]).abs().max().item()
+        worst = max(worst, diff)
+        torch.testing.assert_close(other[name], ref, atol=atol, rtol=rtol, msg=name)
+    return worst

@@ -1,0 +1,79 @@
+"""Worker for the multi-rank optimizer tests: train a small MLP, dump what the test checks.
+
+Run as ``python dist_worker.py --out DIR`` (one process) or under ``mpirun -np N``. Every
+rank takes its contiguous shard of the same global batch and weights its loss by
+``shard/global`` × p, so the averaged gradient equals the single-process global-batch mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from mlbfgs_hpc import MLBFGS, build_blocks, init_communicator
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=48)
+    parser.add_argument("--backend", default="horovod")
+    parser.add_argument("--update-freq", type=int, default=5)
+    parser.add_argument("--nan-step", type=int, default=-1, help="poison rank 1's data here")
+    parser.add_argument("--raise-on-rank", type=int, default=-1)
+    parser.add_argument("--dtype", default="float64")
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+
+    comm = init_communicator()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(),
+                                torch.nn.Linear(32, 24), torch.nn.Tanh(),
+                                torch.nn.Linear(24, 4)).to(dtype)
+    gen = torch.Generator().manual_seed(1)
+    x_all = torch.randn(512, 16, generator=gen, dtype=dtype)
+    y_all = (x_all[:, :4] * 3).argmax(1)
+    optimizer = MLBFGS(model.parameters(), blocks=build_blocks(model), lr=0.05,
+                       update_freq=args.update_freq, comm=comm, grad_backend=args.backend)
+    timings: list[float] = []
+    for step in range(args.steps):
+        if step == 3 and comm.rank == args.raise_on_rank:
+            raise RuntimeError(f"injected failure on rank {comm.rank}")
+        idx = torch.randint(0, 512, (args.batch,), generator=gen)
+        lo = args.batch * comm.rank // comm.size
+        hi = args.batch * (comm.rank + 1) // comm.size
+        x, y = x_all[idx[lo:hi]], y_all[idx[lo:hi]]
+        if step == args.nan_step and comm.rank == min(1, comm.size - 1):
+            x = x.clone()
+            x[0, 0] = float("nan")
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y, reduction="sum")
+        (loss * comm.size / args.batch).backward()
+        start = time.perf_counter()
+        optimizer.step()
+        timings.append(time.perf_counter() - start)
+    optimizer.check_consistency()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "rank": comm.rank, "size": comm.size,
+        "owned_blocks": list(optimizer.owned_blocks),
+        "state_numel": {str(b): {k: v.numel() for k, v in optimizer.block_state(b).items()}
+                        for b in optimizer.owned_blocks},
+        "state_bytes": optimizer.optimizer_state_bytes(),
+        "counters": optimizer.counters,
+        "step_time_median": sorted(timings)[len(timings) // 2],
+    }
+    (out / f"rank{comm.rank}.json").write_text(json.dumps(record))
+    if comm.rank == 0:
+        torch.save({n: p.detach().clone() for n, p in model.named_parameters()},
+                   out / "params.pt")
+
+
+if __name__ == "__main__":
+    main()
