@@ -7,15 +7,17 @@ hosts through a generated *rsh agent* (a stand-in for ssh) and the hosts are lis
 Open MPI hostfile and a PBS-style nodefile. See ``shared/MULTINODE.md`` for the recipe.
 
 How a host is entered: at ``up`` every host gets one long-lived *holder* process, started as
-``ip netns exec NS unshare --mount --uts --propagation private sh -c '...; exec sleep
+``ip netns exec NS unshare --mount --uts --propagation slave sh -c '...; exec sleep
 infinity'``. ``ip netns exec`` puts it in the host's network namespace and remounts ``/sys``
-for that namespace; ``unshare`` gives it a private mount namespace (where the host's
-``/etc/hosts`` and optional node-local scratch tmpfs are mounted) and a UTS namespace whose
-host name is the host's name. Everything that runs "on" the host (Open MPI's daemons through
-the agent, the launching ``mpirun``) enters those namespaces with ``nsenter``: the network
-namespace by its name under ``/run/netns`` (so a dead holder whose pid was recycled can never
-put a process into the root namespace's network) and the mount/UTS namespaces through the
-holder, after checking that the holder still lives in the host's network namespace. A fresh
+for that namespace; ``unshare`` gives it its own mount namespace (where the host's
+``/etc/hosts`` and optional node-local scratch tmpfs are mounted; "slave" so these never
+propagate out, while mounts and unmounts of the machine, e.g. ``ip netns del``, still
+propagate in) and a UTS namespace whose host name is the host's name. Everything that runs
+"on" the host (Open MPI's daemons through the agent, the launching ``mpirun``) enters those
+namespaces with ``nsenter``: the network namespace by its name under ``/run/netns`` (so a
+dead holder whose pid was recycled can never put a process into the root namespace's
+network) and the mount/UTS namespaces through the holder, after checking that the holder
+still lives in the host's network namespace. A fresh
 ``unshare`` per command (the recipe's agent) could not do this: every command would get its
 own empty scratch, and scratch written by one job would be gone for the next.
 
@@ -27,7 +29,7 @@ Used as a library (``NetnsCluster``) by ``tests/netns_fixture.py`` and as a CLI:
     python tools/netns_cluster.py up --hosts 2 --slots 2 [--scratch /scratch/local]
     python tools/netns_cluster.py status
     python tools/netns_cluster.py run [--host 1] -- hostname
-    python tools/netns_cluster.py mpirun -np 4 -- python -c 'import socket; print(socket.gethostname())'
+    python tools/netns_cluster.py mpirun -np 4 -- hostname
     python tools/netns_cluster.py kill 1
     python tools/netns_cluster.py down
 
@@ -77,7 +79,7 @@ class ClusterError(RuntimeError):
     """A system command needed to build, use or remove the cluster failed."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Host:
     """One namespace host of a cluster.
 
@@ -161,6 +163,20 @@ def _kill_netns_processes(netns: str, *, wait_s: float = _KILL_WAIT_S) -> list[i
         time.sleep(0.05)
 
 
+def _scratch_paths_of_other_clusters(own_state_dir: Path) -> list[Path]:
+    paths: list[Path] = []
+    for state_path in Path(tempfile.gettempdir()).glob(f"netns-cluster-*/{_STATE_FILE}"):
+        if state_path.parent == own_state_dir:
+            continue
+        try:
+            scratch = json.loads(state_path.read_text()).get("scratch")
+        except (OSError, ValueError):
+            continue
+        if scratch:
+            paths.append(Path(scratch))
+    return paths
+
+
 def teardown_prefix(prefix: str, *, state_dir: Path | None = None) -> list[str]:
     """Remove every trace of the cluster called ``prefix``; safe to call any number of times.
 
@@ -195,8 +211,13 @@ def teardown_prefix(prefix: str, *, state_dir: Path | None = None) -> list[str]:
             logger.info("killed %d process(es) in %s", len(killed), name)
         _run(["ip", "netns", "del", name])
     # Only directories this cluster created, deepest first, and only while empty: never
-    # delete a file someone else put there.
+    # delete a file someone else put there. Nor one another cluster uses as scratch: removing
+    # a directory detaches whatever other mount namespaces have mounted on it.
+    in_use = _scratch_paths_of_other_clusters(state_dir)
     for created in reversed(state.get("created_dirs", [])):
+        if any(p == Path(created) or Path(created) in p.parents for p in in_use):
+            logger.info("left %s in place: another cluster's scratch is under it", created)
+            continue
         try:
             Path(created).rmdir()
         except FileNotFoundError:
@@ -205,6 +226,12 @@ def teardown_prefix(prefix: str, *, state_dir: Path | None = None) -> list[str]:
             logger.warning("left scratch directory %s in place: %s", created, exc)
     if state_dir.exists():
         shutil.rmtree(state_dir)
+    # Open MPI session directories are named after the host name, which is this cluster's
+    # own; a daemon killed by kill_host or SIGKILL never removes its own.
+    for session_dir in Path(tempfile.gettempdir()).glob("ompi.*"):
+        host = session_dir.name.split(".")[1] if session_dir.name.count(".") >= 2 else ""
+        if pattern.match(host):
+            shutil.rmtree(session_dir, ignore_errors=True)
     if names:
         logger.info("cluster %s removed (%s)", prefix, ", ".join(names))
     return names
@@ -261,7 +288,9 @@ class NetnsCluster:
         if scratch is not None:
             path = Path(scratch)
             if not path.is_absolute() or path == Path("/"):
-                raise ValueError(f"scratch must be an absolute path other than '/', got {scratch!r}")
+                raise ValueError(
+                    f"scratch must be an absolute path other than '/', got {scratch!r}"
+                )
             if self.state_dir == path or path in self.state_dir.parents:
                 raise ValueError(
                     f"scratch must not contain state_dir {str(self.state_dir)!r}, got {scratch!r}"
@@ -421,7 +450,7 @@ class NetnsCluster:
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
                 ["ip", "netns", "exec", h.netns, "unshare", "--mount", "--uts",
-                 "--propagation", "private", "sh", "-c", self._holder_script(h)],
+                 "--propagation", "slave", "sh", "-c", self._holder_script(h)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=log,
@@ -464,11 +493,14 @@ pid=$(cat {state}/$ns.pid 2>/dev/null) || {{ echo "$0: no holder for $ns" >&2; e
 # The holder owns the host's mount (scratch, /etc/hosts) and UTS (host name) namespaces.
 # Use it only while it still lives in the host's network namespace: a killed host's pid may
 # have been recycled by an unrelated process.
-if [ "$(stat -L -c %d:%i /proc/$pid/ns/net 2>/dev/null)" != "$(stat -L -c %d:%i /run/netns/$ns)" ]; then
+have=$(stat -L -c %d:%i /proc/$pid/ns/net 2>/dev/null)
+want=$(stat -L -c %d:%i /run/netns/$ns)
+if [ "$have" != "$want" ]; then
   echo "$0: host $ns is down" >&2; exit 255
 fi
 # The network namespace is entered by name, never through the pid.
-exec nsenter --net=/run/netns/$ns --mount=/proc/$pid/ns/mnt --uts=/proc/$pid/ns/uts -- /bin/sh -c "$*"
+exec nsenter --net=/run/netns/$ns --mount=/proc/$pid/ns/mnt --uts=/proc/$pid/ns/uts \\
+  -- /bin/sh -c "$*"
 """
         self.agent_path.write_text(agent)
         self.agent_path.chmod(0o755)
@@ -490,7 +522,9 @@ exec nsenter --net=/run/netns/$ns --mount=/proc/$pid/ns/mnt --uts=/proc/$pid/ns/
         tmp.replace(self.state_dir / _STATE_FILE)
 
     @classmethod
-    def load(cls, *, prefix: str = DEFAULT_PREFIX, state_dir: str | os.PathLike[str] | None = None) -> NetnsCluster:
+    def load(
+        cls, *, prefix: str = DEFAULT_PREFIX, state_dir: str | os.PathLike[str] | None = None
+    ) -> NetnsCluster:
         """Attach to a cluster brought up earlier (e.g. by the CLI's ``up``).
 
         Args:
@@ -696,8 +730,12 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="netns_cluster.py", description=__doc__.split("\n\n")[0] if __doc__ else None
     )
-    p.add_argument("--prefix", default=DEFAULT_PREFIX, help="cluster name prefix (default %(default)s)")
-    p.add_argument("--state-dir", default=None, help="state directory (default /tmp/netns-cluster-PREFIX)")
+    p.add_argument(
+        "--prefix", default=DEFAULT_PREFIX, help="cluster name prefix (default %(default)s)"
+    )
+    p.add_argument(
+        "--state-dir", default=None, help="state directory (default /tmp/netns-cluster-PREFIX)"
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log every system command")
     sub = p.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="create the cluster")
@@ -728,11 +766,19 @@ def _strip_dashes(argv: list[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit status."""
+    """CLI entry point; returns the exit status (1 on a cluster error or bad argument)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
     )
+    try:
+        return _main(args)
+    except (ClusterError, ValueError) as exc:
+        logger.error("%s", exc)
+        return 1
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.command == "up":
         cluster = NetnsCluster(
             hosts=args.hosts,
