@@ -1,0 +1,413 @@
+"""``mlbfgs-train``: train a model on real data with mL-BFGS or a baseline, 1 to N ranks.
+
+The same command runs everywhere::
+
+    mlbfgs-train                                   # embedded default: Fashion-MNIST, small CNN
+    mpirun -np 4 mlbfgs-train --run-dir runs/a     # 4 ranks, Horovod gradient allreduce
+    srun --mpi=pmix -n 8 mlbfgs-train --run-dir runs/a --checkpoint-every 200
+
+Per step, every rank takes its shard of the same global batch (the order depends only on the
+seed, so it is part of the checkpoint and independent of the number of ranks), the gradients
+are averaged, the optimizer steps, and one small all-gather carries the loss/accuracy sums,
+the stop flag (a signal on any rank) and the "time-based checkpoint due" flag of rank 0, so
+every rank takes the same decision at the same step. Rank 0 alone logs, shows a progress bar
+and writes ``metrics.jsonl``; every rank writes its checkpoint shard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from .blocks import build_blocks
+from .comm import GRAD_BACKENDS, GradientReducer, LocalCommunicator, init_communicator
+from .config import CLIP_MODES, MLBFGSConfig
+from .data import DATASET_NAMES, DatasetSplit, GlobalBatchSampler, load_dataset, shard_bounds
+from .models import MODEL_NAMES, build_model
+from .optimizer import MLBFGS
+from .signals import EXIT_OK, EXIT_REQUEUE, StopRequest
+
+logger = logging.getLogger("mlbfgs_hpc.train")
+
+OPTIMIZERS = ("mlbfgs", "sgd", "adam", "lbfgs")
+SCHEDULES = ("none", "cosine", "step")
+DEFAULT_LR = {"mlbfgs": 0.1, "sgd": 0.05, "adam": 1e-3, "lbfgs": 0.1}
+_DEFAULTS = MLBFGSConfig()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mlbfgs-train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train a model with mL-BFGS (or a baseline) on one process or many MPI "
+                    "ranks. With no arguments: a short Fashion-MNIST run of the small CNN.")
+    a = p.add_argument
+    a("--model", choices=MODEL_NAMES, default="cnn")
+    a("--dataset", choices=DATASET_NAMES, default="fashion-mnist")
+    a("--data-root", default=None, help="directory of the Fashion-MNIST idx.gz files")
+    a("--optimizer", choices=OPTIMIZERS, default="mlbfgs")
+    a("--epochs", type=float, default=2.0, help="length of the run in epochs")
+    a("--steps", type=int, default=None, help="length in optimizer steps (overrides --epochs)")
+    a("--batch-size", type=int, default=128, help="GLOBAL batch size, over all ranks")
+    a("--lr", type=float, default=None,
+      help=f"learning rate (default per optimizer: {DEFAULT_LR})")
+    a("--schedule", choices=SCHEDULES, default="cosine")
+    a("--step-size", type=int, default=None,
+      help="'step' schedule: steps between decays (default: a third of the run)")
+    a("--gamma", type=float, default=0.1, help="'step' schedule: decay factor")
+    a("--weight-decay", type=float, default=0.0)
+    a("--momentum", type=float, default=_DEFAULTS.momentum,
+      help="outer momentum of mlbfgs, momentum of sgd")
+    a("--nesterov", action="store_true")
+    a("--history-size", type=int, default=_DEFAULTS.history_size)
+    a("--update-freq", type=int, default=_DEFAULTS.update_freq)
+    a("--beta-param", type=float, default=_DEFAULTS.beta_param)
+    a("--beta-grad", type=float, default=_DEFAULTS.beta_grad)
+    a("--damping", type=float, default=_DEFAULTS.damping)
+    a("--sigma-low", type=float, default=_DEFAULTS.sigma_low)
+    a("--sigma-high", type=float, default=_DEFAULTS.sigma_high)
+    a("--curvature-eps", type=float, default=_DEFAULTS.curvature_eps)
+    a("--clip", choices=CLIP_MODES, default=_DEFAULTS.clip)
+    a("--kl-clip", type=float, default=_DEFAULTS.kl_clip)
+    a("--block-size", type=int, default=None,
+      help="parameters per curvature block (default: one layer per block)")
+    a("--seed", type=int, default=0)
+    a("--run-dir", default="runs/default", help="metrics.jsonl and checkpoints/ go here")
+    a("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: off)")
+    a("--checkpoint-minutes", type=float, default=0.0,
+      help="checkpoint every M minutes of wall-clock (0: off)")
+    a("--keep", type=int, default=3, help="keep the newest K checkpoints")
+    a("--stop-after", type=float, default=0.0,
+      help="checkpoint and exit with 99 once this many seconds of this process have passed "
+           "(0: off); for schedulers whose warning signal cannot reach the ranks")
+    a("--step-sleep", type=float, default=0.0,
+      help="sleep this long after every step: rehearse a job script's signal/requeue cycle "
+           "with a small model (does not change the mathematics)")
+    a("--resume", default="auto",
+      help="'auto' (newest valid checkpoint in the run dir, if any), 'never', or a path")
+    a("--grad-backend", choices=GRAD_BACKENDS, default="horovod",
+      help="how gradients are averaged across ranks")
+    a("--log-every", type=int, default=10, help="metrics.jsonl line every N steps")
+    a("--eval-every", type=int, default=0, help="test-set evaluation every N steps "
+                                                "(0: at the end of every epoch)")
+    a("--synthetic-size", type=int, default=2048)
+    a("--threads", type=int, default=None,
+      help="torch intra-op threads per rank (default: cores / ranks on this host)")
+    a("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    comm = init_communicator()
+    _setup_logging(comm.rank)
+    try:
+        return Trainer(args=args, comm=comm).run()
+    except ckpt.CheckpointError as exc:
+        logger.error("%s", exc)
+        return 1
+
+
+def _setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+class Trainer:
+    """One training run: data, model, optimizer, schedule, checkpoints, signals.
+
+    Args:
+        args: parsed ``mlbfgs-train`` arguments.
+        comm: the communicator (local or MPI).
+    """
+
+    def __init__(self, *, args: argparse.Namespace, comm: LocalCommunicator) -> None:
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        self.args = args
+        self.comm = comm
+        self.run_dir = Path(args.run_dir)
+        threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, comm.local_size))
+        torch.set_num_threads(threads)
+
+        self.train_set = self._load("train")
+        self.test_set = self._load("test")
+        self.sampler = GlobalBatchSampler(
+            dataset_size=len(self.train_set), global_batch_size=args.batch_size,
+            seed=args.seed, rank=comm.rank, world_size=comm.size)
+        steps_per_epoch = self.sampler.batches_per_epoch
+        self.total_steps = (args.steps if args.steps is not None
+                            else max(1, round(args.epochs * steps_per_epoch)))
+
+        torch.manual_seed(args.seed)
+        self.model = build_model(args.model, in_shape=self.train_set.in_shape,
+                                 num_classes=self.train_set.num_classes)
+        # Same seed on every rank gives the same initialisation; broadcast to be certain.
+        comm.broadcast_tensors_(list(self.model.parameters()) + list(self.model.buffers()))
+        self.lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
+        self.reducer: GradientReducer | None = None
+        self.optimizer = self._build_optimizer()
+        self.scheduler = self._build_scheduler()
+        self.step = 0
+        self.start_time = time.monotonic()
+        self.elapsed_before = 0.0  # training seconds of earlier runs (from the checkpoint)
+        self._checkpointed_step = -1
+
+    # ---- set-up -------------------------------------------------------------------------
+    def _load(self, split: str) -> DatasetSplit:
+        return load_dataset(self.args.dataset, split=split,  # type: ignore[arg-type]
+                            root=self.args.data_root, seed=self.args.seed,
+                            synthetic_size=self.args.synthetic_size)
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        a = self.args
+        if a.optimizer == "mlbfgs":
+            return MLBFGS(
+                self.model.parameters(), blocks=build_blocks(self.model, block_size=a.block_size),
+                lr=self.lr, weight_decay=a.weight_decay, history_size=a.history_size,
+                update_freq=a.update_freq, beta_param=a.beta_param, beta_grad=a.beta_grad,
+                damping=a.damping, sigma_low=a.sigma_low, sigma_high=a.sigma_high,
+                curvature_eps=a.curvature_eps, clip=a.clip, kl_clip=a.kl_clip,
+                momentum=a.momentum, nesterov=a.nesterov, comm=self.comm,
+                grad_backend=a.grad_backend)
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.reducer = self.comm.gradient_reducer(named, backend=a.grad_backend)
+        params = [p for _, p in named]
+        if a.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=a.momentum,
+                                   nesterov=a.nesterov, weight_decay=a.weight_decay)
+        if a.optimizer == "adam":
+            return torch.optim.Adam(params, lr=self.lr, weight_decay=a.weight_decay)
+        # Stochastic L-BFGS: one iteration per minibatch, fixed step, no line search.
+        return torch.optim.LBFGS(params, lr=self.lr, max_iter=1,
+                                 history_size=a.history_size, line_search_fn=None)
+
+    def _build_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler | None:
+        a = self.args
+        if a.schedule == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer,
+                                                              T_max=self.total_steps)
+        if a.schedule == "step":
+            step_size = a.step_size or max(1, self.total_steps // 3)
+            return torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=step_size,
+                                                   gamma=a.gamma)
+        return None
+
+    def _run_config(self) -> dict[str, Any]:
+        return {**vars(self.args), "world_size": self.comm.size,
+                "total_steps": self.total_steps, "lr": self.lr}
+
+    # ---- the run --------------------------------------------------------------------------
+    def run(self) -> int:
+        self._maybe_resume()
+        stop = StopRequest()
+        try:
+            return self._loop(stop)
+        finally:
+            stop.restore()
+
+    def _maybe_resume(self) -> None:
+        mode = self.args.resume
+        if mode == "never":
+            return
+        if mode == "auto":
+            found = ckpt.find_latest_valid(self.run_dir) if self.comm.rank == 0 else None
+            path = self.comm.broadcast_object(str(found) if found else None)
+            if path is None:
+                logger.info("no checkpoint in %s: starting from scratch", self.run_dir)
+                return
+        else:
+            path = mode
+        loaded = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer,
+                                      comm=self.comm, scheduler=self.scheduler)
+        self.step = int(loaded.step)
+        self.elapsed_before = float(loaded.extra.get("elapsed_seconds", 0.0))
+        self._checkpointed_step = self.step
+        logger.info("resumed from %s at step %d (written on %d ranks, now %d)",
+                    loaded.path, self.step, loaded.world_size, self.comm.size)
+
+    def _loop(self, stop: StopRequest) -> int:
+        a, comm = self.args, self.comm
+        metrics = self._open_metrics()
+        steps_per_epoch = self.sampler.batches_per_epoch
+        last_ckpt_time = time.monotonic()
+        bar = self._progress_bar()
+        window = [0.0, 0.0, 0.0]  # loss sum, correct, samples since the last log line
+        self.model.train()
+        while self.step < self.total_steps:
+            epoch, batch_index = divmod(self.step, steps_per_epoch)
+            idx = self.sampler.local_indices(epoch, batch_index)
+            global_len = self.sampler.global_batch_len(batch_index)
+            loss_sum, correct = self._train_step(idx, global_len)
+            self.step += 1
+            if self.scheduler is not None:
+                self.scheduler.step()
+            if a.step_sleep:
+                time.sleep(a.step_sleep)
+            now = time.monotonic()
+            time_due = (a.checkpoint_minutes > 0 and comm.rank == 0 and
+                        now - last_ckpt_time >= 60.0 * a.checkpoint_minutes)
+            out_of_time = (a.stop_after > 0 and comm.rank == 0 and
+                           now - self.start_time >= a.stop_after)
+            # One collective per step: metrics, the stop flag and rank 0's clock decisions.
+            gathered = comm.allgather_scalars(
+                [loss_sum, correct, float(len(idx)), float(stop.requested or out_of_time),
+                 float(time_due)])
+            totals = gathered.sum(axis=0)
+            for j in range(3):
+                window[j] += float(totals[j])
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{totals[0] / max(totals[2], 1):.4f}", refresh=False)
+            if self.step % a.log_every == 0 or self.step == self.total_steps:
+                self._log_metrics(metrics, epoch, window)
+                window = [0.0, 0.0, 0.0]
+            epoch_end = self.step % steps_per_epoch == 0
+            if (a.eval_every and self.step % a.eval_every == 0) or (not a.eval_every
+                                                                     and epoch_end):
+                self._log_eval(metrics, epoch)
+            signalled = bool(totals[3] > 0)
+            if (signalled or bool(totals[4] > 0)
+                    or (a.checkpoint_every and self.step % a.checkpoint_every == 0)):
+                self._checkpoint()
+                last_ckpt_time = time.monotonic()
+            if signalled:
+                if bar is not None:
+                    bar.close()
+                logger.warning("stop requested (signal or --stop-after): checkpoint at step %d "
+                               "written, "
+                               "exiting with %d (rerun to resume)", self.step, EXIT_REQUEUE)
+                return EXIT_REQUEUE
+        if bar is not None:
+            bar.close()
+        if self.step != self._checkpointed_step:
+            self._checkpoint(final=True)
+        test_loss, test_acc = self.evaluate()
+        if comm.rank == 0:
+            summary = {"event": "summary", "step": self.step, "test_loss": test_loss,
+                       "test_accuracy": test_acc, "train_seconds": self._elapsed(),
+                       "optimizer": a.optimizer, "model": a.model, "dataset": a.dataset,
+                       "world_size": comm.size, **self._counters()}
+            self._write_metric(metrics, summary)
+            logger.info("done: %d steps, test accuracy %.2f%%, test loss %.4f, %.1f s "
+                        "training", self.step, 100 * test_acc, test_loss, self._elapsed())
+        return EXIT_OK
+
+    def _train_step(self, idx: torch.Tensor, global_len: int) -> tuple[float, float]:
+        x, y = self.train_set.x[idx], self.train_set.y[idx]
+        scale = self.comm.size / global_len
+
+        def closure() -> torch.Tensor:
+            self.optimizer.zero_grad(set_to_none=False)
+            with torch.enable_grad():
+                out = self.model(x)
+                loss_sum = F.cross_entropy(out, y, reduction="sum")
+                (loss_sum * scale).backward()
+            if self.reducer is not None:
+                self.reducer.synchronize()
+            closure.last = (float(loss_sum), float((out.argmax(1) == y).sum()))  # type: ignore[attr-defined]
+            return loss_sum.detach() * scale
+
+        if isinstance(self.optimizer, torch.optim.LBFGS):
+            self.optimizer.step(closure)
+        else:
+            closure()
+            self.optimizer.step()
+        return closure.last  # type: ignore[attr-defined]
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """Test loss and accuracy, the test set sharded over ranks."""
+        was_training = self.model.training
+        self.model.eval()
+        lo, hi = shard_bounds(len(self.test_set), rank=self.comm.rank,
+                              world_size=self.comm.size)
+        loss_sum = correct = 0.0
+        for start in range(lo, hi, 1024):
+            stop = min(hi, start + 1024)
+            out = self.model(self.test_set.x[start:stop])
+            y = self.test_set.y[start:stop]
+            loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
+            correct += float((out.argmax(1) == y).sum())
+        totals = self.comm.allgather_scalars([loss_sum, correct]).sum(axis=0)
+        self.model.train(was_training)
+        n = len(self.test_set)
+        return float(totals[0]) / n, float(totals[1]) / n
+
+    def _checkpoint(self, *, final: bool = False) -> None:
+        epoch, batch_index = divmod(self.step, self.sampler.batches_per_epoch)
+        start = time.monotonic()
+        path = ckpt.save_checkpoint(
+            self.run_dir, step=self.step, model=self.model, optimizer=self.optimizer,
+            comm=self.comm, scheduler=self.scheduler, keep=self.args.keep,
+            config=self._run_config(),
+            extra={"epoch": epoch, "batch_index": batch_index, "seed": self.args.seed,
+                   "elapsed_seconds": self._elapsed(), "final": final})
+        self._checkpointed_step = self.step
+        logger.info("checkpoint %s written in %.2f s", path, time.monotonic() - start)
+
+    # ---- output -------------------------------------------------------------------------
+    def _elapsed(self) -> float:
+        return self.elapsed_before + time.monotonic() - self.start_time
+
+    def _counters(self) -> dict[str, Any]:
+        if isinstance(self.optimizer, MLBFGS):
+            return {k: v for k, v in self.optimizer.counters.items() if k != "step"}
+        return {}
+
+    def _progress_bar(self) -> Any:
+        if self.comm.rank != 0 or self.args.quiet:
+            return None
+        from tqdm import tqdm
+        # disable=None: tqdm hides itself when stderr is not a terminal (batch jobs, CI).
+        return tqdm(total=self.total_steps, initial=self.step, disable=None, unit="step",
+                    dynamic_ncols=True, desc=f"{self.args.optimizer}/{self.args.model}")
+
+    def _open_metrics(self) -> Any:
+        if self.comm.rank != 0:
+            return None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        return open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+
+    def _write_metric(self, handle: Any, record: dict[str, Any]) -> None:
+        if handle is not None:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+
+    def _log_metrics(self, handle: Any, epoch: int, window: list[float]) -> None:
+        if handle is None:
+            return
+        samples = max(window[2], 1.0)
+        record = {"event": "train", "step": self.step,
+                  "epoch": self.step / self.sampler.batches_per_epoch,
+                  "loss": window[0] / samples, "accuracy": window[1] / samples,
+                  "lr": self.optimizer.param_groups[0]["lr"], "time": self._elapsed(),
+                  **self._counters()}
+        del epoch
+        self._write_metric(handle, record)
+
+    def _log_eval(self, handle: Any, epoch: int) -> None:
+        test_loss, test_acc = self.evaluate()
+        if self.comm.rank == 0:
+            self._write_metric(handle, {
+                "event": "eval", "step": self.step,
+                "epoch": self.step / self.sampler.batches_per_epoch,
+                "test_loss": test_loss, "test_accuracy": test_acc, "time": self._elapsed()})
+            logger.info("step %d (epoch %d): test accuracy %.2f%%, loss %.4f",
+                        self.step, epoch + 1, 100 * test_acc, test_loss)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
