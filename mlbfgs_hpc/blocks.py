@@ -65,7 +65,8 @@ def build_blocks(model: torch.nn.Module, *, block_size: int | None = None) -> li
         ValueError: ``block_size`` is not a positive integer, or the model has no trainable
             parameters.
     """
-    if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+    if block_size is not None and (not isinstance(block_size, int) or isinstance(block_size, bool)
+                                   or block_size < 1):
         raise ValueError(f"block_size must be None or an integer >= 1, got {block_size!r}")
     target = 1 if block_size is None else block_size
     layers: list[tuple[str, list[tuple[str, torch.Tensor]]]] = []

@@ -54,9 +54,9 @@ class MLBFGSConfig:
     nesterov: bool = False
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.history_size, int) and self.history_size >= 1,
+        _require(_integer(self.history_size) and self.history_size >= 1,
                  "history_size", "an integer >= 1", self.history_size)
-        _require(isinstance(self.update_freq, int) and self.update_freq >= 1,
+        _require(_integer(self.update_freq) and self.update_freq >= 1,
                  "update_freq", "an integer >= 1", self.update_freq)
         for name in ("beta_param", "beta_grad"):
             value = getattr(self, name)
@@ -88,6 +88,11 @@ def validate_group_hyperparameters(*, lr: float, weight_decay: float) -> None:
     _require(_finite(lr) and lr >= 0.0, "lr", "a finite number >= 0", lr)
     _require(_finite(weight_decay) and weight_decay >= 0.0,
              "weight_decay", "a finite number >= 0", weight_decay)
+
+
+def _integer(value: object) -> bool:
+    # bool is a subclass of int, but history_size=True is a mistake, not 1.
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _finite(value: object) -> bool:

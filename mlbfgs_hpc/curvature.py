@@ -101,13 +101,18 @@ class BlockCurvature:
         self.accepted = torch.zeros((), dtype=torch.int64)
         self.rejected = torch.zeros((), dtype=torch.int64)
         # Row views and scalar scratch are made once so the per-step recursion allocates
-        # no tensor storage (views of existing storage only).
+        # no tensor storage (views of existing storage only). The dot products go through
+        # ``torch.mv`` on (1, n) row views into (1,) slots: ``torch.dot(..., out=)`` computes
+        # into a fresh 0-d tensor and copies it (one allocation per dot, measured with
+        # torch.profiler), while ``mv`` writes straight into ``out``.
         self._s_rows = self.S.unbind(0)
         self._y_rows = self.Y.unbind(0)
-        self._rho_items = self.rho.unbind(0)
+        self._s_mats = tuple(self.S[i:i + 1] for i in range(history_size))
+        self._y_mats = tuple(self.Y[i:i + 1] for i in range(history_size))
+        self._rho_items = tuple(self.rho[i:i + 1] for i in range(history_size))
         self._alpha = torch.zeros(history_size, **kw)
-        self._alpha_items = self._alpha.unbind(0)
-        self._beta = torch.zeros((), **kw)
+        self._alpha_items = tuple(self._alpha[i:i + 1] for i in range(history_size))
+        self._beta = torch.zeros(1, **kw)
         self._order: list[int] = []
 
     # ---- state --------------------------------------------------------------------------
@@ -160,12 +165,12 @@ class BlockCurvature:
         """
         alpha, beta = self._alpha_items, self._beta
         for i in self._order:                       # newest → oldest
-            torch.dot(self._s_rows[i], q, out=alpha[i])
+            torch.mv(self._s_mats[i], q, out=alpha[i])
             alpha[i].mul_(self._rho_items[i])
             q.addcmul_(self._y_rows[i], alpha[i], value=-1.0)
         q.mul_(self.gamma)
         for i in reversed(self._order):             # oldest → newest
-            torch.dot(self._y_rows[i], q, out=beta)
+            torch.mv(self._y_mats[i], q, out=beta)
             beta.mul_(self._rho_items[i]).neg_().add_(alpha[i])   # αᵢ − βᵢ
             q.addcmul_(self._s_rows[i], beta)
         return q

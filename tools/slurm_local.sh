@@ -19,13 +19,16 @@
 # - Oversubscription: the node reports CPUs = nproc x MLBFGS_SLURM_CPU_FACTOR (default 4, so 8
 #   on a 2-core box) with SlurmdParameters=config_overrides; `sbatch -n 4` then runs 4 ranks on
 #   2 real cores without --overcommit, and a few small jobs can run side by side.
-# - AuthInfo cred_expire (default 10 s) is what a requeued job waits before it may run again
-#   (Slurm's default is 120 s); sched_interval=1 makes the scheduler notice that promptly.
+# - AuthInfo cred_expire (default 5 s, the minimum Slurm accepts; Slurm's default is 120 s) is
+#   what a requeued job waits before it may run again; sched_interval=1 makes the scheduler
+#   notice that promptly. Measured: requeue -> next run starts 6.0 s later.
 # - KillWait (SIGTERM -> SIGKILL at the time limit) = MLBFGS_SLURM_KILL_WAIT (default 5 s).
 # - No accounting DB: finished jobs stay in `scontrol show job` for MinJobAge
 #   (MLBFGS_SLURM_MIN_JOB_AGE, default 60 s), and every job end (also each requeue) is appended to
 #   <state dir>/log/jobcomp.txt (jobcomp/filetxt) - the reliable source for final state/exit code.
 # - spank_pbs.so is enabled (own plugstack.conf), so jobs see PBS_JOBID, PBS_O_WORKDIR, ...
+# - Not configurable in Slurm: --signal=SIG@N is checked on slurmctld's 30 s tick and sent once
+#   at most N+30 s remain, i.e. 0-30 s early - and at job start if N+30 >= the time limit.
 #
 # Environment knobs: MLBFGS_SLURM_DIR, MLBFGS_SLURM_CPU_FACTOR, MLBFGS_SLURM_CPUS (overrides the
 # factor), MLBFGS_SLURM_CRED_EXPIRE, MLBFGS_SLURM_KILL_WAIT, MLBFGS_SLURM_MIN_JOB_AGE,
@@ -37,7 +40,7 @@ PURGE=0
 CMD=""
 
 usage() {
-    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 die() {
@@ -71,7 +74,7 @@ export SLURM_CONF="$CONF"
 NODE_NAME="$(hostname -s)"
 REAL_CPUS="$(nproc)"
 CPUS="${MLBFGS_SLURM_CPUS:-$(( REAL_CPUS * ${MLBFGS_SLURM_CPU_FACTOR:-4} ))}"
-CRED_EXPIRE="${MLBFGS_SLURM_CRED_EXPIRE:-10}"
+CRED_EXPIRE="${MLBFGS_SLURM_CRED_EXPIRE:-5}"
 KILL_WAIT="${MLBFGS_SLURM_KILL_WAIT:-5}"
 MIN_JOB_AGE="${MLBFGS_SLURM_MIN_JOB_AGE:-60}"
 CTLD_PORT="${MLBFGS_SLURM_CTLD_PORT:-6817}"
@@ -211,6 +214,10 @@ wait_node_idle() {
         case "$state" in
             idle*|mixed*|allocated*) return 0 ;;
         esac
+        if ! pid_alive "$RUN_DIR/slurmctld.pid" || ! pid_alive "$RUN_DIR/slurmd.pid"; then
+            show_logs
+            die "slurmctld or slurmd exited during start-up (port $CTLD_PORT/$SLURMD_PORT taken?)"
+        fi
         if [ "$(date +%s)" -ge "$deadline" ]; then
             show_logs
             die "node $NODE_NAME not idle after ${START_TIMEOUT}s (sinfo state: '${state:-no answer}')"
@@ -230,6 +237,8 @@ cmd_start() {
     write_configs
     start_munged
     if ! pid_alive "$RUN_DIR/slurmctld.pid"; then
+        # A cold start numbers jobs from 1 again, so older completion records would collide.
+        [ -f "$LOG_DIR/jobcomp.txt" ] && mv -f "$LOG_DIR/jobcomp.txt" "$LOG_DIR/jobcomp.txt.prev"
         # -c: cold start, forget jobs of an earlier run (stale state would confuse tests).
         slurmctld -c || { show_logs; die "slurmctld failed to start"; }
     fi
@@ -240,18 +249,28 @@ cmd_start() {
     print_usage_hint
 }
 
-kill_pidfile() {  # kill_pidfile PIDFILE NAME: TERM, wait up to 10 s, then KILL
-    local pid i
-    pid_alive "$1" || { rm -f "$1"; return 0; }
-    pid="$(cat "$1")"
-    kill -TERM "$pid" 2>/dev/null || true
+stop_pidfiles() {  # stop_pidfiles PIDFILE...: TERM all at once, wait up to 10 s, then KILL
+    local f pid i alive pids=()
+    for f in "$@"; do
+        pid_alive "$f" && pids+=("$(cat "$f")")
+    done
+    [ "${#pids[@]}" -gt 0 ] || return 0
+    # In parallel: each daemon takes 1-2 s to save state and exit, one after the other adds up.
+    kill -TERM "${pids[@]}" 2>/dev/null || true
     for i in $(seq 1 100); do
-        kill -0 "$pid" 2>/dev/null || { rm -f "$1"; return 0; }
+        alive=0
+        for pid in "${pids[@]}"; do
+            kill -0 "$pid" 2>/dev/null && alive=1
+        done
+        [ "$alive" -eq 1 ] || return 0
         sleep 0.1
     done
-    echo "slurm_local.sh: $2 (pid $pid) ignored SIGTERM, sending SIGKILL" >&2
-    kill -KILL "$pid" 2>/dev/null || true
-    rm -f "$1"
+    for pid in "${pids[@]}"; do
+        if kill -0 "$pid" 2>/dev/null; then
+            echo "slurm_local.sh: pid $pid ignored SIGTERM for 10 s, sending SIGKILL" >&2
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    done
 }
 
 cmd_stop() {
@@ -264,9 +283,7 @@ cmd_stop() {
             sleep 0.2
         done
     fi
-    kill_pidfile "$RUN_DIR/slurmd.pid" slurmd
-    kill_pidfile "$RUN_DIR/slurmctld.pid" slurmctld
-    kill_pidfile "$MUNGE_DIR/munged.pid" munged
+    stop_pidfiles "$RUN_DIR/slurmd.pid" "$RUN_DIR/slurmctld.pid" "$MUNGE_DIR/munged.pid"
     rm -rf "$STATE_DIR/ctld" "$STATE_DIR/slurmd" "$RUN_DIR" "$MUNGE_SOCKET" "$MUNGE_SOCKET.lock"
     if [ "$PURGE" -eq 1 ]; then
         rm -rf "$STATE_DIR"
@@ -277,7 +294,7 @@ cmd_stop() {
 }
 
 cmd_status() {
-    local rc=0 state
+    local rc=0 state=""
     if munge_ok; then echo "munged:    up ($MUNGE_SOCKET)"; else echo "munged:    DOWN"; rc=3; fi
     if pid_alive "$RUN_DIR/slurmctld.pid"; then
         echo "slurmctld: up (pid $(cat "$RUN_DIR/slurmctld.pid"))"
@@ -289,8 +306,9 @@ cmd_status() {
     else
         echo "slurmd:    DOWN"; rc=3
     fi
-    state="$(node_state)"
-    echo "node:      $NODE_NAME ${state:-no answer}"
+    # Only ask slurmctld when it runs: sinfo retries a dead controller for many seconds.
+    [ "$rc" -eq 0 ] && state="$(node_state)"
+    echo "node:      $NODE_NAME ${state:-unknown}"
     case "$state" in idle*|mixed*|allocated*) ;; *) rc=3 ;; esac
     if [ "$rc" -eq 0 ]; then
         echo "Use it with: export SLURM_CONF=$CONF"
