@@ -237,6 +237,10 @@ class Trainer:
         self._checkpointed_step = self.step
         logger.info("resumed from %s at step %d (written on %d ranks, now %d)",
                     loaded.path, self.step, loaded.world_size, self.comm.size)
+        if self.step >= self.total_steps:
+            logger.info("the run in %s already reached its %d steps: evaluating only (pass "
+                        "--resume never or another --run-dir to train again)",
+                        self.run_dir, self.total_steps)
 
     def _loop(self, stop: StopRequest) -> int:
         a, comm = self.args, self.comm
