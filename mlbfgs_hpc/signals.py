@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from types import FrameType
 
 logger = logging.getLogger(__name__)
@@ -50,12 +51,14 @@ class StopRequest:
         if sig == signal.SIGTERM:
             self._terms += 1
             if self._terms > 1:
-                os.write(2, b"[mlbfgs-hpc] second SIGTERM: exiting now without checkpoint\n")
+                os.write(2, f"{_stamp()} second SIGTERM: exiting now without "
+                            f"checkpoint\n".encode())
                 os._exit(EXIT_IMMEDIATE)
         if self.received is None:
             self.received = sig
-            # Async-signal-safe note; the loop logs properly at the step boundary.
-            os.write(2, f"[mlbfgs-hpc] received {sig.name}: will checkpoint and exit at the "
+            # A raw write, not logging (its lock may be held by the interrupted code); the loop
+            # logs properly at the step boundary. The time stamp dates the scheduler's warning.
+            os.write(2, f"{_stamp()} received {sig.name}: will checkpoint and exit at the "
                         f"next step boundary\n".encode())
 
     @property
@@ -65,3 +68,28 @@ class StopRequest:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def _stamp() -> str:
+    """``[mlbfgs-hpc HH:MM:SS.mmm pid N]``: when and where a signal arrived."""
+    now = time.time()
+    return (f"[mlbfgs-hpc {time.strftime('%H:%M:%S', time.localtime(now))}."
+            f"{int(now % 1 * 1000):03d} pid {os.getpid()}]")
+
+
+def process_age_seconds() -> float:
+    """Seconds since this process started (Linux ``/proc``), or 0.0 where that is unknown.
+
+    ``--stop-after`` counts from here rather than from the end of the start-up, because the
+    batch scripts derive it from the job's walltime: imports, MPI start-up and data loading
+    happen inside the walltime too.
+    """
+    try:
+        with open("/proc/self/stat", "rb") as fh:
+            # Field 22 (starttime, clock ticks after boot); the command name (field 2) may
+            # hold spaces, so count from the ')' that closes it: field 3 is index 0 there.
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - started)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0

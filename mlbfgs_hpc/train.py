@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -36,7 +37,7 @@ from .config import CLIP_MODES, MLBFGSConfig
 from .data import DATASET_NAMES, DatasetSplit, GlobalBatchSampler, load_dataset, shard_bounds
 from .models import MODEL_NAMES, build_model
 from .optimizer import MLBFGS
-from .signals import EXIT_OK, EXIT_REQUEUE, StopRequest
+from .signals import EXIT_OK, EXIT_REQUEUE, StopRequest, process_age_seconds
 
 logger = logging.getLogger("mlbfgs_hpc.train")
 
@@ -108,14 +109,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``mlbfgs-train`` process: parse, train, return the exit code (see ``signals``).
+
+    Meant to end the process: the SIGUSR1/SIGTERM listener is installed before the slow
+    start-up (MPI/Horovod, data, resume), so that an early scheduler warning means "checkpoint
+    after the first step" rather than SIGUSR1's default action, death; and SIGUSR1 is left
+    IGNORED on return, so that a warning arriving once the exit code is decided (during the
+    seconds of interpreter, Horovod and MPI shutdown) cannot turn 0 or 99 into 138. Embedders
+    wanting their handlers back use :meth:`Trainer.run`, which restores them.
+    """
     args = build_parser().parse_args(argv)
-    comm = init_communicator()
-    _setup_logging(comm.rank)
+    stop = StopRequest()
     try:
-        return Trainer(args=args, comm=comm).run()
-    except ckpt.CheckpointError as exc:
-        logger.error("%s", exc)
-        return 1
+        comm = init_communicator()
+        _setup_logging(comm.rank)
+        try:
+            return Trainer(args=args, comm=comm).run(stop=stop)
+        except ckpt.CheckpointError as exc:
+            logger.error("%s", exc)
+            return 1
+    finally:
+        # Not the listener: Python resets its own handlers to the default action while it
+        # shuts down. A first SIGTERM then still terminates, as it should.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _setup_logging(rank: int) -> None:
@@ -162,6 +178,8 @@ class Trainer:
         self.scheduler = self._build_scheduler()
         self.step = 0
         self.start_time = time.monotonic()
+        # --stop-after counts from the process start: the walltime it is derived from does.
+        self.process_start = self.start_time - process_age_seconds()
         self.elapsed_before = 0.0  # training seconds of earlier runs (from the checkpoint)
         self._checkpointed_step = -1
 
@@ -210,13 +228,20 @@ class Trainer:
                 "total_steps": self.total_steps, "lr": self.lr}
 
     # ---- the run --------------------------------------------------------------------------
-    def run(self) -> int:
-        self._maybe_resume()
-        stop = StopRequest()
+    def run(self, *, stop: StopRequest | None = None) -> int:
+        """Resume if asked, train, checkpoint; return the exit code (see ``signals``).
+
+        Args:
+            stop: the signal listener to obey; ``None`` installs one for this call.
+        """
+        own = stop is None
+        stop = StopRequest() if stop is None else stop
         try:
+            self._maybe_resume()
             return self._loop(stop)
         finally:
-            stop.restore()
+            if own:
+                stop.restore()
 
     def _maybe_resume(self) -> None:
         mode = self.args.resume
@@ -264,7 +289,7 @@ class Trainer:
             time_due = (a.checkpoint_minutes > 0 and comm.rank == 0 and
                         now - last_ckpt_time >= 60.0 * a.checkpoint_minutes)
             out_of_time = (a.stop_after > 0 and comm.rank == 0 and
-                           now - self.start_time >= a.stop_after)
+                           now - self.process_start >= a.stop_after)
             # One collective per step: metrics, the stop flag and rank 0's clock decisions.
             gathered = comm.allgather_scalars(
                 [loss_sum, correct, float(len(idx)), float(stop.requested or out_of_time),
@@ -321,7 +346,9 @@ class Trainer:
                 (loss_sum * scale).backward()
             if self.reducer is not None:
                 self.reducer.synchronize()
-            closure.last = (float(loss_sum), float((out.argmax(1) == y).sum()))  # type: ignore[attr-defined]
+            # detach(): float() of a tensor that requires grad warns on every step.
+            correct = float((out.argmax(1) == y).sum())
+            closure.last = (float(loss_sum.detach()), correct)  # type: ignore[attr-defined]
             return loss_sum.detach() * scale
 
         if isinstance(self.optimizer, torch.optim.LBFGS):

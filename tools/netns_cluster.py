@@ -30,8 +30,14 @@ Used as a library (``NetnsCluster``) by ``tests/netns_fixture.py`` and as a CLI:
     python tools/netns_cluster.py status
     python tools/netns_cluster.py run [--host 1] -- hostname
     python tools/netns_cluster.py mpirun -np 4 -- hostname
+    python tools/netns_cluster.py mpirun --on 0 -- hostname    # only on host 0
+    python tools/netns_cluster.py mpi-args          # mpirun options for a job script's mpirun
     python tools/netns_cluster.py kill 1
     python tools/netns_cluster.py down
+    python tools/netns_cluster.py demo    # own cluster: train on 2 hosts, lose one, resume
+
+``demo`` is ``tools/netns_demo.py`` (the node-loss drill); ``tools/netns_slurm.py`` runs a
+multi-node SLURM (one slurmd per host) on such a cluster.
 
 Needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN), iproute2, util-linux (unshare, nsenter).
 """
@@ -65,6 +71,8 @@ _ADDRESS_BASE = "169.254.77."
 MAX_HOSTS = 64
 MAX_SLOTS = 256
 DEFAULT_PREFIX = "mlbfgs"
+#: Prefix of the cluster ``demo`` builds, so it never collides with one brought up by ``up``.
+DEMO_PREFIX = "mlbdemo"
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 _SIZE_RE = re.compile(r"^[1-9][0-9]*[kmgKMG]?$")
 _STATE_FILE = "cluster.json"
@@ -591,6 +599,40 @@ exec nsenter --net=/run/netns/$ns --mount=/proc/$pid/ns/mnt --uts=/proc/$pid/ns/
         script = f"cd {shlex.quote(workdir)} && exec {shlex.join(list(argv))}"
         return [str(self.agent_path), h.address, script]
 
+    def mpi_options(self, *, mca: Mapping[str, str] | None = None) -> list[str]:
+        """The ``--mca`` options that make Open MPI (run on a host) use this cluster.
+
+        The rsh agent instead of ssh; ``vader`` (shared memory) between ranks of a host and
+        TCP between hosts, both TCP and the out-of-band channel restricted to the cluster's
+        subnet; ``mpi_yield_when_idle`` because every host shares this machine's cores, so
+        ranks waiting in a collective must give the CPU to the ranks they wait for (busy
+        polling made a 4-rank step ~70x slower here). Job scripts get these through their
+        own variables (e.g. ``MLBFGS_MPIRUN_ARGS`` of ``jobs/pbs.qsub``).
+
+        Args:
+            mca: extra or overriding ``KEY: VALUE`` settings.
+        """
+        settings = {
+            "plm_rsh_agent": str(self.agent_path),
+            "btl": "self,vader,tcp",
+            "btl_tcp_if_include": SUBNET,
+            "oob_tcp_if_include": SUBNET,
+            "mpi_yield_when_idle": "1",
+        }
+        settings.update(mca or {})
+        argv: list[str] = []
+        for key, value in settings.items():
+            argv += ["--mca", key, value]
+        return argv
+
+    def _check_host_indices(self, hosts: Sequence[int]) -> list[int]:
+        chosen = list(hosts)
+        if not chosen or len(set(chosen)) != len(chosen):
+            raise ValueError(f"hosts must be distinct host indices, at least one, got {hosts!r}")
+        for index in chosen:
+            self.host(index)  # ValueError naming the allowed range
+        return chosen
+
     def mpirun_cmd(
         self,
         np: int,
@@ -601,58 +643,61 @@ exec nsenter --net=/run/netns/$ns --mount=/proc/$pid/ns/mnt --uts=/proc/$pid/ns/
         mca: Mapping[str, str] | None = None,
         extra_args: Sequence[str] = (),
         hostfile: str | os.PathLike[str] | None = None,
+        hosts: Sequence[int] | None = None,
         oversubscribe: bool = False,
         timeout_s: float | None = None,
         cwd: str | os.PathLike[str] | None = None,
     ) -> list[str]:
-        """Command line that launches ``cmd`` on ``np`` ranks across the hosts, from host 0.
+        """Command line that launches ``cmd`` on ``np`` ranks across the hosts.
 
-        Ranks fill host 0's slots first (ranks 0..slots-1 on host 0, and so on). TCP and
-        Open MPI's out-of-band channel are restricted to the cluster's subnet; ``vader``
-        (shared memory) serves ranks on the same host. Ranks are not bound to cores, since
-        all "hosts" share this machine's cores.
+        ``mpirun`` runs on host 0 (on the first of ``hosts`` when given). Ranks fill the first
+        host's slots first (ranks 0..slots-1 there, and so on). Open MPI settings: see
+        :meth:`mpi_options`. Ranks are not bound to cores, since all "hosts" share this
+        machine's cores.
 
         Args:
-            np: number of ranks, in [1, hosts*slots] (any positive number with
-                ``oversubscribe``).
+            np: number of ranks, in [1, slots * number of hosts used] (any positive number
+                with ``oversubscribe``).
             cmd: the program each rank runs, with its arguments.
             env: variables set for every rank (``-x NAME=VALUE``). ``OMP_NUM_THREADS``
                 defaults to the caller's value, else 1.
             forward: names of variables of the caller's environment to export (``-x NAME``);
                 names not set at build time are skipped. ``PATH`` is always exported.
-            mca: extra ``--mca KEY VALUE`` settings (override the defaults).
+            mca: extra ``--mca`` settings (override the defaults of :meth:`mpi_options`).
             extra_args: further mpirun arguments, placed before ``cmd``.
             hostfile: hostfile to use; the cluster's :attr:`hostfile` when None (the
-                :attr:`nodefile` also works).
+                :attr:`nodefile` also works). Not together with ``hosts``.
+            hosts: run only on these host indices (``--host ADDR:SLOTS,...``), e.g. ``[0]``
+                to restart on the survivor after :meth:`kill_host`; None: every host.
             oversubscribe: allow more ranks than slots.
             timeout_s: if given, mpirun is sent SIGTERM after this many seconds (SIGKILL 5 s
                 later), so a stalled job (Horovod stalls rather than fails) is reaped inside
                 the cluster; must be > 0.
             cwd: working directory of mpirun and the ranks; the caller's when None.
         """
-        if not isinstance(np, int) or np < 1 or (not oversubscribe and np > self.total_slots):
-            allowed = ">= 1" if oversubscribe else f"in [1, {self.total_slots}]"
+        used = list(range(self.hosts_count))
+        if hosts is not None:
+            if hostfile is not None:
+                raise ValueError("give hostfile or hosts, not both")
+            used = self._check_host_indices(hosts)
+        slots = len(used) * self.slots
+        if not isinstance(np, int) or np < 1 or (not oversubscribe and np > slots):
+            allowed = ">= 1" if oversubscribe else f"in [1, {slots}]"
             raise ValueError(f"np must be an int {allowed}, got {np!r}")
         if not cmd:
             raise ValueError("cmd must name a program, got an empty sequence")
         if timeout_s is not None and not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0 or None, got {timeout_s!r}")
-        settings = {
-            "plm_rsh_agent": str(self.agent_path),
-            "btl": "self,vader,tcp",
-            "btl_tcp_if_include": SUBNET,
-            "oob_tcp_if_include": SUBNET,
-        }
-        settings.update(mca or {})
         exports = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         exports.update(env or {})
         argv: list[str] = []
         if timeout_s is not None:
             argv += ["timeout", "--kill-after=5", f"{timeout_s:g}"]
-        argv += ["mpirun", "--allow-run-as-root"]
-        for key, value in settings.items():
-            argv += ["--mca", key, value]
-        argv += ["--hostfile", str(hostfile if hostfile is not None else self.hostfile)]
+        argv += ["mpirun", "--allow-run-as-root", *self.mpi_options(mca=mca)]
+        if hosts is not None:
+            argv += ["--host", ",".join(f"{self.hosts[i].address}:{self.slots}" for i in used)]
+        else:
+            argv += ["--hostfile", str(hostfile if hostfile is not None else self.hostfile)]
         argv += ["-np", str(np), "--bind-to", "none"]
         if oversubscribe:
             argv.append("--oversubscribe")
@@ -666,7 +711,26 @@ exec nsenter --net=/run/netns/$ns --mount=/proc/$pid/ns/mnt --uts=/proc/$pid/ns/
             argv += ["-x", f"{name}={value}"]
         argv += list(extra_args)
         argv += list(cmd)
-        return self.exec_cmd(0, argv, cwd=cwd)
+        return self.exec_cmd(used[0], argv, cwd=cwd)
+
+    def net_bytes(self, index: int) -> dict[str, int]:
+        """Bytes and packets host ``index`` has sent and received on its cable (``eth0``).
+
+        Read from the host's network namespace counters, so it counts exactly the traffic
+        between hosts (shared-memory and loopback traffic never reaches ``eth0``).
+
+        Returns:
+            ``{"tx_bytes", "rx_bytes", "tx_packets", "rx_packets"}``.
+        """
+        h = self.host(index)
+        out = _run(["ip", "-n", h.netns, "-s", "-j", "link", "show", "eth0"])
+        stats = json.loads(out)[0]["stats64"]
+        return {
+            "tx_bytes": int(stats["tx"]["bytes"]),
+            "rx_bytes": int(stats["rx"]["bytes"]),
+            "tx_packets": int(stats["tx"]["packets"]),
+            "rx_packets": int(stats["rx"]["packets"]),
+        }
 
     def kill_host(self, index: int) -> list[int]:
         """Kill every process on host ``index`` (node loss), holder included.
@@ -731,8 +795,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="netns_cluster.py", description=__doc__.split("\n\n")[0] if __doc__ else None
     )
     p.add_argument(
-        "--prefix", default=DEFAULT_PREFIX, help="cluster name prefix (default %(default)s)"
-    )
+        "--prefix", default=None,
+        help=f"cluster name prefix (default {DEFAULT_PREFIX}; {DEMO_PREFIX} for demo)",
+    )  # fmt: skip
     p.add_argument(
         "--state-dir", default=None, help="state directory (default /tmp/netns-cluster-PREFIX)"
     )
@@ -755,9 +820,32 @@ def _parser() -> argparse.ArgumentParser:
     mpi.add_argument("-np", "--np", type=int, default=None, help="ranks (default: all slots)")
     mpi.add_argument("-x", dest="forward", action="append", default=[], help="forward a variable")
     mpi.add_argument("--timeout", type=float, default=None)
+    mpi.add_argument(
+        "--on", type=int, action="append", default=None, metavar="INDEX",
+        help="run only on this host (repeatable; default: every host)",
+    )  # fmt: skip
     mpi.add_argument("argv", nargs=argparse.REMAINDER)
     kill = sub.add_parser("kill", help="kill every process on a host (node loss)")
     kill.add_argument("index", type=int)
+    sub.add_parser(
+        "mpi-args",
+        help="print the mpirun options for this cluster (for a job script's own mpirun, "
+        "e.g. MLBFGS_MPIRUN_ARGS of jobs/pbs.qsub)",
+    )
+    demo = sub.add_parser(
+        "demo",
+        help="watch a 2-host training job lose a host and resume on the survivor "
+        "(builds its own cluster, removes it at the end)",
+    )
+    demo.add_argument("--steps", type=int, default=80, help="steps of the run")
+    demo.add_argument("--checkpoint-every", type=int, default=20)
+    demo.add_argument("--kill-after", type=int, default=45, help="kill host 1 at this step")
+    demo.add_argument("--step-sleep", type=float, default=0.05, help="seconds per step extra")
+    demo.add_argument("--run-dir", default=None, help="shared run dir (default: a new /tmp dir)")
+    demo.add_argument("--report", default=None, help="also write the report as JSON here")
+    demo.add_argument(
+        "--keep-cluster", action="store_true", help="leave the cluster up (down it yourself)"
+    )
     return p
 
 
@@ -779,6 +867,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    if args.command == "demo":
+        return _demo(args)
+    if args.prefix is None:
+        args.prefix = DEFAULT_PREFIX
     if args.command == "up":
         cluster = NetnsCluster(
             hosts=args.hosts,
@@ -798,6 +890,9 @@ def _main(args: argparse.Namespace) -> int:
     if args.command == "status":
         sys.stdout.write(json.dumps(cluster.status(), indent=2) + "\n")
         return 0
+    if args.command == "mpi-args":
+        sys.stdout.write(shlex.join(cluster.mpi_options()) + "\n")
+        return 0
     if args.command == "kill":
         killed = cluster.kill_host(args.index)
         sys.stdout.write(f"killed {len(killed)} process(es) on {cluster.host(args.index).name}\n")
@@ -808,10 +903,60 @@ def _main(args: argparse.Namespace) -> int:
     if args.command == "run":
         full = cluster.exec_cmd(args.host, cmd)
     else:
-        np = args.np if args.np is not None else cluster.total_slots
-        full = cluster.mpirun_cmd(np, cmd, forward=args.forward, timeout_s=args.timeout)
+        used = len(args.on) if args.on else cluster.hosts_count
+        np = args.np if args.np is not None else used * cluster.slots
+        full = cluster.mpirun_cmd(
+            np, cmd, forward=args.forward, timeout_s=args.timeout, hosts=args.on
+        )
     logger.debug("exec: %s", shlex.join(full))
     return subprocess.call(full)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """``demo``: narrate :func:`netns_demo.run_node_loss_drill` on a cluster of its own."""
+    # Imported here: the drill imports mlbfgs_hpc, which the other subcommands do not need.
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import netns_demo
+
+    start = time.monotonic()
+
+    def say(msg: str) -> None:
+        sys.stdout.write(f"[{time.monotonic() - start:6.1f}s] {msg}\n")
+        sys.stdout.flush()
+
+    prefix = args.prefix or DEMO_PREFIX
+    run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="mlbfgs-demo-run-"))
+    cluster = NetnsCluster(hosts=2, slots=2, prefix=prefix, state_dir=args.state_dir)
+    say(f"building 2 hosts ({prefix}-n0, {prefix}-n1): network namespaces with their own host "
+        "name and address on a private bridge; the file system is shared, like a cluster's")
+    # SIGTERM/SIGHUP as Ctrl-C, so the finally below removes the cluster in every case.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.default_int_handler)
+    cluster.up()
+    try:
+        report = netns_demo.run_node_loss_drill(
+            cluster, run_dir=run_dir, steps=args.steps, checkpoint_every=args.checkpoint_every,
+            kill_after=args.kill_after, step_sleep=args.step_sleep, say=say,
+        )  # fmt: skip
+    except netns_demo.DrillError as exc:
+        say(f"FAILED: {exc}")
+        return 1
+    finally:
+        if args.keep_cluster:
+            say(f"cluster left up: python {sys.argv[0]} --prefix {prefix} down")
+        else:
+            cluster.down()
+            say(f"cluster {prefix} removed")
+    t = report.timeline
+    say("timeline (seconds after the kill): mpirun exited {mpirun_exit:.2f}, restart launched "
+        "{restart_launched:.2f}, resumed {r:.2f}, first step {f:.2f}, finished {finished:.2f}"
+        .format(r=t.get("resumed", float("nan")), f=t.get("first_step", float("nan")), **t))
+    say(f"lost: steps {report.resumed_step}..{report.last_step_before_kill} "
+        f"({report.lost_steps} steps, at most the {report.checkpoint_every} of one checkpoint "
+        f"period); run dir {report.run_dir} (logs mpirun-1.log, mpirun-2.log)")
+    if args.report:
+        Path(args.report).write_text(report.to_json() + "\n")
+    return 0
 
 
 if __name__ == "__main__":

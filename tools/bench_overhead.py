@@ -1,0 +1,241 @@
+"""Per-iteration cost of mL-BFGS against SGD-momentum (and the other optimizers), and where
+the optimizer step's time goes.
+
+Whole iteration = the driver's own ``Trainer._train_step`` (index the batch, forward,
+backward, ``optimizer.step()``, read the loss back), on the same model, data and batch for
+every optimizer, one process. Protocol:
+
+1. Build one :class:`~bench_driver.BenchTrainer` per optimizer (same seed: same model, same
+   batches). Warm mL-BFGS up until its ring is full (``(m+1)·T`` steps with T = 50, m = 10:
+   the first pair forms at 2T), so the timed steps run the full two-loop with 10 pairs.
+2. Repeat R times: for each optimizer, in an order rotated every repeat, time a window of
+   exactly T consecutive steps (so every mL-BFGS window contains one pair formation: the
+   amortised cost is included). The ratio of each window to SGD's window *of the same
+   repeat* is one sample; the report gives median and quartiles over the R samples.
+3. Breakdown: the *unmodified* ``MLBFGS.step`` runs with its private pieces wrapped by
+   timers on the instance (``_gather_owned``, ``_apply_weight_decay``,
+   ``_update_momentum_buffers``, ``_form_pairs``, every ``BlockCurvature.
+   apply_inverse_hessian_``, ``_apply_outer_momentum``, the communicator's collectives).
+   What the step does inline (copy d ← g, the gᵀd dots and the step-size guard, snapshot
+   copies, counters, ``_foreach_sub_`` of the update) is the remainder "guard + inline".
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from mlbfgs_hpc.comm import LocalCommunicator
+from mlbfgs_hpc.optimizer import MLBFGS
+
+try:
+    from . import bench_common as common
+    from .bench_driver import CURVATURE_PERIOD, OPTIMIZERS, BenchTrainer, make_args
+except ImportError:  # run as a script: python tools/bench.py
+    import bench_common as common  # type: ignore[no-redef]
+    from bench_driver import (  # type: ignore[no-redef]
+        CURVATURE_PERIOD, OPTIMIZERS, BenchTrainer, make_args)
+
+logger = logging.getLogger(__name__)
+
+#: The step-time configurations: (label, model, dataset).
+CONFIGS: tuple[tuple[str, str, str], ...] = (
+    ("cnn/fashion-mnist", "cnn", "fashion-mnist"),
+    ("mlp/digits", "mlp", "digits"),
+)
+#: Learning rates for the timing runs (the driver's defaults; timing does not depend on them
+#: as long as nothing diverges, which the result records).
+TIMING_LR = {"mlbfgs": 0.1, "sgd": 0.05, "adam": 1e-3, "lbfgs": 0.1, "shampoo": 0.05}
+HISTORY = 10
+
+_PIECES = ("gather", "weight decay", "momentum update", "pair update", "two-loop",
+           "outer momentum", "collectives", "guard + inline")
+
+
+class _Stepper:
+    """Drives a trainer one training iteration at a time, through the driver's own code.
+
+    Args:
+        trainer: the trainer whose ``_train_step`` is the timed iteration.
+    """
+
+    def __init__(self, *, trainer: BenchTrainer) -> None:
+        self.trainer = trainer
+        self.per_epoch = trainer.sampler.batches_per_epoch
+
+    def steps(self, count: int) -> float:
+        """Run ``count`` iterations; return the seconds they took."""
+        tr = self.trainer
+        start = time.perf_counter()
+        for _ in range(count):
+            epoch, batch = divmod(tr.step, self.per_epoch)
+            idx = tr.sampler.local_indices(epoch, batch)
+            tr._train_step(idx, tr.sampler.global_batch_len(batch))
+            tr.step += 1
+        return time.perf_counter() - start
+
+
+def _build(optimizer: str, model: str, dataset: str, threads: int, run_dir: str,
+           period: int) -> _Stepper:
+    args = make_args(optimizer=optimizer, model=model, dataset=dataset,
+                     lr=TIMING_LR[optimizer], seed=0, steps=10**9, run_dir=run_dir,
+                     threads=threads,
+                     extra=["--history-size", str(HISTORY),
+                            "--update-freq", str(period), "--schedule", "none"])
+    return _Stepper(trainer=BenchTrainer(args=args, comm=LocalCommunicator()))
+
+
+def _instrument(opt: MLBFGS, sink: dict[str, float]) -> Callable[[], None]:
+    """Wrap the optimizer's pieces with timers that add into ``sink``; return an undo."""
+    undo: list[Callable[[], None]] = []
+
+    def wrap(owner: Any, attr: str, piece: str) -> None:
+        original = getattr(owner, attr)
+
+        @functools.wraps(original)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                sink[piece] += time.perf_counter() - start
+
+        setattr(owner, attr, timed)
+        undo.append(lambda: delattr(owner, attr) if attr in vars(owner) else None)
+
+    wrap(opt, "_gather_owned", "gather")
+    wrap(opt, "_apply_weight_decay", "weight decay")
+    wrap(opt, "_update_momentum_buffers", "momentum update")
+    wrap(opt, "_form_pairs", "pair update")
+    wrap(opt, "_apply_outer_momentum", "outer momentum")
+    for curv in opt._curvature.values():
+        wrap(curv, "apply_inverse_hessian_", "two-loop")
+    # The communicator is shared (one per trainer); on one rank its collectives are no-ops
+    # whose Python call overhead is still part of the step.
+    for attr in ("allgather_scalars", "allgatherv_"):
+        wrap(opt.comm, attr, "collectives")
+    wrap(opt, "step", "step total")
+
+    def restore() -> None:
+        for fn in undo:
+            fn()
+
+    return restore
+
+
+def measure_config(label: str, model: str, dataset: str, *, repeats: int, threads: int,
+                   period: int = CURVATURE_PERIOD,
+                   optimizers: tuple[str, ...] = OPTIMIZERS) -> dict[str, Any]:
+    """Ratios of whole-iteration time to SGD's, and the mL-BFGS step breakdown.
+
+    ``period`` is mL-BFGS's T and the window length (50 for the report; ``--quick`` uses 10
+    so the ring fills in 110 steps instead of 550).
+    """
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
+        steppers = {name: _build(name, model, dataset, threads, f"{tmp}/{name}", period)
+                    for name in optimizers}
+        ml = steppers["mlbfgs"].trainer.optimizer
+        assert isinstance(ml, MLBFGS)
+        n_blocks = len(ml.blocks)
+        warm_start = time.perf_counter()
+        # mL-BFGS's warm-up (steps 1..2T, no pair yet: SGD-like direction) timed against the
+        # same number of SGD steps, for the normalised time-to-accuracy clock.
+        warm_ml = steppers["mlbfgs"].steps(2 * period)
+        warm_sgd = steppers["sgd"].steps(2 * period)
+        # Fill the ring: pairs form at 2T, 3T, …; (m+1)·T steps give m pairs per block.
+        steppers["mlbfgs"].steps((HISTORY - 1) * period)
+        for name, st in steppers.items():
+            if name not in ("mlbfgs", "sgd"):
+                st.steps(period)
+        warm_seconds = time.perf_counter() - warm_start
+        windows: dict[str, list[float]] = defaultdict(list)
+        order = list(optimizers)
+        for r in range(repeats):
+            rotated = order[r % len(order):] + order[:r % len(order)]
+            for name in rotated:
+                windows[name].append(steppers[name].steps(period) / period)
+        iteration_ms = {name: common.summarize(1e3 * t for t in ts)
+                        for name, ts in windows.items()}
+        ratio = {name: common.summarize(t / s for t, s in zip(ts, windows["sgd"]))
+                 for name, ts in windows.items()}
+
+        # Breakdown of the mL-BFGS step (same trainer, more windows, pieces timed).
+        sink: dict[str, float] = defaultdict(float)
+        restore = _instrument(ml, sink)
+        per_window: list[dict[str, float]] = []
+        sgd_step: list[float] = []
+        sgd_opt = steppers["sgd"].trainer.optimizer
+        sgd_sink: dict[str, float] = defaultdict(float)
+        original_sgd_step = sgd_opt.step
+
+        def sgd_timed(*a: Any, **k: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return original_sgd_step(*a, **k)
+            finally:
+                sgd_sink["step"] += time.perf_counter() - start
+
+        sgd_opt.step = sgd_timed  # type: ignore[method-assign]
+        bd_iter: list[float] = []
+        for _ in range(3):
+            sink.clear()
+            t_iter = steppers["mlbfgs"].steps(period)
+            bd_iter.append(t_iter / period)
+            piece = {k: v / period for k, v in sink.items()}
+            inner = sum(v for k, v in piece.items() if k != "step total")
+            piece["guard + inline"] = piece.get("step total", 0.0) - inner
+            per_window.append(piece)
+            sgd_sink.clear()
+            steppers["sgd"].steps(period)
+            sgd_step.append(sgd_sink["step"] / period)
+        restore()
+        del sgd_opt.step
+        breakdown = {p: common.summarize(1e3 * w.get(p, 0.0) for w in per_window)
+                     for p in (*_PIECES, "step total")}
+        step_share = common.summarize(w["step total"] / it for w, it in
+                                      zip(per_window, bd_iter))
+        counters = ml.counters
+        finite = {name: all(torch.isfinite(p).all() for p in st.trainer.model.parameters())
+                  for name, st in steppers.items()}
+    result = {
+        "label": label, "model": model, "dataset": dataset, "threads": threads,
+        "batch_size": 128, "history": HISTORY, "update_freq": period, "repeats": repeats,
+        "window_steps": period, "warmup_seconds": warm_seconds,
+        "parameters": sum(p.numel() for p in steppers["mlbfgs"].trainer.model.parameters()),
+        "blocks": n_blocks, "mlbfgs_counters": counters, "params_finite": finite,
+        "iteration_ms": iteration_ms, "ratio_to_sgd": ratio,
+        # One sample each (the first 2T steps of each run, cold start included).
+        "mlbfgs_warmup_iteration_ms": 1e3 * warm_ml / (2 * period),
+        "sgd_warmup_iteration_ms": 1e3 * warm_sgd / (2 * period),
+        "mlbfgs_warmup_ratio_to_sgd": warm_ml / warm_sgd,
+        "mlbfgs_warmup_steps": 2 * period,
+        "breakdown_ms_per_step": breakdown,
+        "mlbfgs_step_share_of_iteration": step_share,
+        "sgd_step_ms": common.summarize(1e3 * t for t in sgd_step),
+        "mlbfgs_step_over_sgd_step": common.summarize(
+            w["step total"] / s for w, s in zip(per_window, sgd_step)),
+    }
+    logger.info("%s: iteration mlbfgs/sgd = %s; step %s ms (two-loop %s ms); pairs "
+                "accepted %d", label, common.fmt_stat(ratio["mlbfgs"]),
+                common.fmt_stat(breakdown["step total"]),
+                common.fmt_stat(breakdown["two-loop"]), counters["accepted_pairs"])
+    return result
+
+
+def run(*, quick: bool, threads: int, configs: tuple[tuple[str, str, str], ...] = CONFIGS
+        ) -> dict[str, Any]:
+    start = time.perf_counter()
+    out = {"configs": [measure_config(label, model, dataset, threads=threads,
+                                      repeats=3 if quick else 10,
+                                      period=10 if quick else CURVATURE_PERIOD)
+                       for label, model, dataset in configs]}
+    out["seconds"] = time.perf_counter() - start
+    return out

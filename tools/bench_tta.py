@@ -1,0 +1,466 @@
+"""Time-to-accuracy: mL-BFGS against SGD-momentum, Adam, stochastic L-BFGS and Shampoo.
+
+Every run goes through the training driver (:class:`bench_driver.BenchTrainer`: the real
+``mlbfgs_hpc.train.Trainer``), global batch 128, cosine schedule over the run, one process
+with a fixed number of torch threads, and writes the driver's ``metrics.jsonl``; this module
+only schedules runs and reads those files back.
+
+Protocol (the same budget for every optimizer):
+
+* **lr sweep**: 3 learning rates per optimizer (:data:`LR_GRID`: one shared grid for the
+  SGD-scaled optimizers, one for Adam).
+* **digits / MLP** (11 steps per epoch): the full grid, 3 lrs × 3 seeds, evaluation after
+  every step; the best lr per optimizer is the one with the fewest median steps to 90 %
+  (ties and "never": the highest median final accuracy).
+* **Fashion-MNIST / small CNN** (469 steps per epoch, ~100× dearer per step): the sweep
+  runs 2 seeds of the final run *truncated* after ``sweep_epochs`` (same cosine schedule
+  over ``epochs``, stopped early), the best lr is the one with the highest median test
+  accuracy at that point (a diverged run counts as 0); then 3 seeds at that lr for
+  ``epochs``, with a test evaluation every ``eval_every`` steps (a quarter epoch).
+
+Time-to-accuracy is read at the first evaluation at or above the target, so its resolution
+is the evaluation period. Two clocks are reported: the runs' own training seconds (eval time
+excluded; noisy on a shared machine) and a *normalised* time = steps × the optimizer's
+median per-iteration time measured by :mod:`bench_overhead` in the same harness run (for
+mL-BFGS its first 2T steps at the measured warm-up cost, the rest at the full-history cost).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import math
+import multiprocessing
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:
+    from . import bench_common as common
+    from .bench_driver import OPTIMIZERS, make_args, run_training
+except ImportError:  # run as a script: python tools/bench.py
+    import bench_common as common  # type: ignore[no-redef]
+    from bench_driver import OPTIMIZERS, make_args, run_training  # type: ignore[no-redef]
+
+logger = logging.getLogger(__name__)
+
+TARGETS: tuple[float, ...] = (0.85, 0.88, 0.90)
+DIGITS_TARGETS: tuple[float, ...] = (0.85, 0.88, 0.90, 0.95, 0.97)
+#: Three learning rates per optimizer, 2.4x apart. mL-BFGS runs plain SGD-momentum until its
+#: first curvature pair (step 2T) and Shampoo is SGD-grafted, so SGD, mL-BFGS, Shampoo and
+#: L-BFGS share one grid (bracketing the driver's SGD default 0.05); Adam has its own scale.
+_SGD_LIKE = (0.025, 0.06, 0.15)
+LR_GRID: dict[str, tuple[float, ...]] = {
+    "mlbfgs": _SGD_LIKE,
+    "sgd": _SGD_LIKE,
+    "adam": (4e-4, 1e-3, 2.5e-3),
+    "lbfgs": _SGD_LIKE,
+    "shampoo": _SGD_LIKE,
+}
+
+
+@dataclass(frozen=True)
+class Task:
+    """One model/dataset pair of the comparison.
+
+    Args:
+        name: label used in file names and tables.
+        model: ``--model`` of the driver.
+        dataset: ``--dataset`` of the driver.
+        epochs: length of the final (multi-seed) runs.
+        eval_every: steps between test evaluations in the final runs.
+        full_grid: sweep every lr on every seed (cheap tasks) instead of 1 seed, short runs.
+        sweep_epochs: length of the sweep runs when not ``full_grid``.
+        sweep_seeds: number of seeds (the first ones of ``seeds``) the sweep runs when not
+            ``full_grid``; the best lr maximises the median final accuracy over them.
+        seeds: seeds of the final runs.
+        sweep: sweep the lr grid at all; ``False`` (``--quick`` only) takes the middle lr.
+        log_every: steps between training-loss records.
+        targets: test accuracies to time; the last one also picks the lr of a full grid.
+    """
+
+    name: str
+    model: str
+    dataset: str
+    epochs: float
+    eval_every: int
+    full_grid: bool
+    sweep_epochs: float = 1.0
+    sweep_seeds: int = 1
+    seeds: tuple[int, ...] = (0, 1, 2)
+    sweep: bool = True
+    log_every: int = 10
+    targets: tuple[float, ...] = TARGETS
+
+
+@dataclass
+class RunResult:
+    """What one training run left in its ``metrics.jsonl``.
+
+    Args:
+        optimizer: optimizer name.
+        lr: learning rate.
+        seed: seed of data order and initialisation.
+        phase: ``"sweep"`` or ``"final"``.
+        evals: the ``eval`` records (step, epoch, time, test accuracy and loss).
+        train: the ``train`` records (step, time, window training loss, counters).
+        summary: the ``summary`` record (empty if the run did not finish).
+        error: why the run stopped early (e.g. diverged), else ``None``.
+        eval_seconds: seconds spent evaluating (excluded from ``time``).
+        wall_seconds: wall-clock seconds of the whole child process.
+    """
+
+    optimizer: str
+    lr: float
+    seed: int
+    phase: str
+    evals: list[dict[str, float]] = field(default_factory=list)
+    train: list[dict[str, float]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    eval_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+    def first_reaching(self, target: float) -> dict[str, float] | None:
+        for record in self.evals:
+            if record["test_accuracy"] >= target:
+                return record
+        return None
+
+    @property
+    def final_accuracy(self) -> float:
+        if self.summary:
+            return float(self.summary["test_accuracy"])
+        return float(self.evals[-1]["test_accuracy"]) if self.evals else math.nan
+
+    @property
+    def final_loss(self) -> float:
+        if self.summary:
+            return float(self.summary["test_loss"])
+        return float(self.evals[-1]["test_loss"]) if self.evals else math.nan
+
+
+def default_tasks(*, quick: bool, fmnist_epochs: float, fmnist_sweep_epochs: float
+                  ) -> list[Task]:
+    if quick:
+        return [
+            Task("mlp-digits", "mlp", "digits", epochs=15, eval_every=1, full_grid=True,
+                 seeds=(0,), targets=DIGITS_TARGETS),
+            Task("cnn-fashion-mnist", "cnn", "fashion-mnist", epochs=0.1, eval_every=23,
+                 full_grid=False, seeds=(0,), sweep=False),
+        ]
+    return [
+        # 90 % falls within 2 epochs (~20 steps) on digits, long before mL-BFGS's first pair
+        # (step 2T = 100): the 95/97 % targets are the ones where curvature can matter.
+        Task("mlp-digits", "mlp", "digits", epochs=20, eval_every=1, full_grid=True,
+             targets=DIGITS_TARGETS),
+        # Two sweep seeds: on one seed a short sweep picks an lr at the edge of stability
+        # (measured: SGD at 0.15 was best on seed 0 and collapsed to 10 % on seed 1).
+        Task("cnn-fashion-mnist", "cnn", "fashion-mnist", epochs=fmnist_epochs,
+             eval_every=117, full_grid=False, sweep_epochs=fmnist_sweep_epochs,
+             sweep_seeds=2),
+    ]
+
+
+# ----------------------------------------------------------------------------- running
+
+def _run_one(spec: dict[str, Any]) -> dict[str, Any]:
+    """Child-process body: one training run; never raises (errors are results)."""
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("mlbfgs_hpc").setLevel(logging.WARNING)
+    args = make_args(**spec["args"])
+    start = time.monotonic()
+    out: dict[str, Any] = {"error": None, "eval_seconds": 0.0}
+    try:
+        out.update(run_training(args, stop_at=spec.get("stop_at")))
+    except Exception as exc:  # noqa: BLE001 - a diverged optimizer is a result, not a crash
+        out["error"] = f"{type(exc).__name__}: {exc}"[:500]
+    out["wall_seconds"] = time.monotonic() - start
+    return out
+
+
+def _read_metrics(path: Path) -> tuple[list[dict], list[dict], dict]:
+    evals, train, summary = [], [], {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            if record["event"] == "eval":
+                evals.append(record)
+            elif record["event"] == "train":
+                train.append(record)
+            elif record["event"] == "summary":
+                summary = record
+    return evals, train, summary
+
+
+def run_many(specs: list[dict[str, Any]], *, jobs: int) -> list[RunResult]:
+    """Run the specs, ``jobs`` at a time, each in a fresh process (clean state, own RNG)."""
+    ctx = multiprocessing.get_context("spawn")
+    results: list[RunResult | None] = [None] * len(specs)
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx,
+                                                max_tasks_per_child=1) as pool:
+        futures = {pool.submit(_run_one, spec): i for i, spec in enumerate(specs)}
+        for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+            i = futures[future]
+            spec = specs[i]
+            try:
+                status = future.result()
+            except Exception as exc:  # noqa: BLE001 - e.g. the child died
+                status = {"error": f"worker failed: {exc}", "eval_seconds": 0.0,
+                          "wall_seconds": math.nan}
+            evals, train, summary = _read_metrics(Path(spec["args"]["run_dir"]) /
+                                                  "metrics.jsonl")
+            results[i] = RunResult(
+                optimizer=spec["optimizer"], lr=spec["args"]["lr"], seed=spec["args"]["seed"],
+                phase=spec["phase"], evals=evals, train=train, summary=summary,
+                error=status.get("error"), eval_seconds=status.get("eval_seconds", 0.0),
+                wall_seconds=status.get("wall_seconds", math.nan))
+            r = results[i]
+            logger.info("[%d/%d] %s %s lr=%g seed=%d: final acc %.4f%s (%.0f s)", done,
+                        len(specs), spec["task"], r.optimizer, r.lr, r.seed, r.final_accuracy,
+                        f" ERROR {r.error}" if r.error else "", r.wall_seconds)
+    return [r for r in results if r is not None]
+
+
+def _spec(task: Task, optimizer: str, lr: float, seed: int, *, phase: str, epochs: float,
+          eval_every: int, root: Path, threads: int, stop_at: int | None = None
+          ) -> dict[str, Any]:
+    run_dir = root / task.name / phase / f"{optimizer}_lr{lr:g}_s{seed}"
+    return {"task": task.name, "optimizer": optimizer, "phase": phase, "stop_at": stop_at,
+            "args": {
+        "optimizer": optimizer, "model": task.model, "dataset": task.dataset, "lr": lr,
+        "seed": seed, "epochs": epochs, "run_dir": str(run_dir), "eval_every": eval_every,
+        "log_every": task.log_every, "threads": threads}}
+
+
+def _interleave(specs_by_opt: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Round-robin over optimizers so all of them see the same drift in machine load."""
+    out = []
+    longest = max(len(v) for v in specs_by_opt.values())
+    for i in range(longest):
+        for specs in specs_by_opt.values():
+            if i < len(specs):
+                out.append(specs[i])
+    return out
+
+
+def _steps_per_epoch(task: Task, batch_size: int = 128) -> int:
+    """Optimizer steps per epoch of the task's training split (drop_last batches)."""
+    from mlbfgs_hpc.data import load_dataset
+
+    return len(load_dataset(task.dataset, split="train")) // batch_size
+
+
+def _steps_to(run: RunResult, target: float) -> float:
+    hit = run.first_reaching(target)
+    return float(hit["step"]) if hit else math.inf
+
+
+def _best_lr(task: Task, runs: list[RunResult], optimizer: str) -> float:
+    by_lr: dict[float, list[RunResult]] = {}
+    for r in runs:
+        if r.optimizer == optimizer:
+            by_lr.setdefault(r.lr, []).append(r)
+
+    def key(lr: float) -> tuple[float, float]:
+        group = by_lr[lr]
+        # A diverged run (stopped on a non-finite loss) counts as accuracy 0, not as missing.
+        acc = common.summarize(0.0 if r.error or math.isnan(r.final_accuracy)
+                               else r.final_accuracy for r in group)["median"]
+        if task.full_grid:
+            steps = sorted(_steps_to(r, task.targets[-1]) for r in group)[len(group) // 2]
+            return (steps, -acc)
+        return (-acc, 0.0)
+
+    return min(by_lr, key=key)
+
+
+def run_task(task: Task, *, root: Path, jobs: int, threads: int,
+             optimizers: tuple[str, ...] = OPTIMIZERS) -> dict[str, Any]:
+    """Sweep, pick the best lr per optimizer, run the seeds; return the per-run records."""
+    start = time.monotonic()
+    seeds = task.seeds
+    sweep_seeds = seeds if task.full_grid else seeds[:task.sweep_seeds]
+    # A sweep run is the final run truncated: same cosine schedule (over ``task.epochs``),
+    # stopped after ``sweep_epochs``, so the lrs are compared on exactly the first steps of
+    # the runs they are chosen for (a short run with its own, faster-decaying schedule hides
+    # instabilities at high lr: measured, see BENCHMARKS.md).
+    stop_at = None if task.full_grid else max(1, round(task.sweep_epochs * _steps_per_epoch(
+        task)))
+    if task.sweep:
+        sweep_specs = _interleave({
+            opt: [_spec(task, opt, lr, seed, phase="sweep", epochs=task.epochs,
+                        eval_every=task.eval_every, root=root, threads=threads,
+                        stop_at=stop_at)
+                  for seed in sweep_seeds for lr in LR_GRID[opt]]
+            for opt in optimizers})
+        sweep = run_many(sweep_specs, jobs=jobs)
+        best = {opt: _best_lr(task, sweep, opt) for opt in optimizers}
+    else:
+        sweep = []
+        best = {opt: LR_GRID[opt][len(LR_GRID[opt]) // 2] for opt in optimizers}
+    logger.info("%s: best lr per optimizer %s", task.name, best)
+    if task.full_grid and task.sweep:
+        final = [r for r in sweep if r.lr == best[r.optimizer]]
+    else:
+        final = run_many(_interleave({
+            opt: [_spec(task, opt, best[opt], seed, phase="final", epochs=task.epochs,
+                        eval_every=task.eval_every, root=root, threads=threads)
+                  for seed in seeds]
+            for opt in optimizers}), jobs=jobs)
+    return {"task": task, "best_lr": best, "sweep": sweep, "final": final,
+            "seconds": time.monotonic() - start}
+
+
+# ----------------------------------------------------------------------------- analysis
+
+def normalised_seconds(optimizer: str, steps: float, iteration_ms: dict[str, float]) -> float:
+    """Steps × per-iteration cost; mL-BFGS's first 2T steps at its warm-up cost (no pairs
+    yet, so no two-loop), the rest at its full-history cost."""
+    if optimizer == "mlbfgs" and "mlbfgs_warmup" in iteration_ms:
+        warm = min(steps, iteration_ms["mlbfgs_warmup_steps"])
+        return (warm * iteration_ms["mlbfgs_warmup"]
+                + (steps - warm) * iteration_ms["mlbfgs"]) / 1e3
+    return steps * iteration_ms[optimizer] / 1e3
+
+
+def analyse(task_result: dict[str, Any], *, iteration_ms: dict[str, float] | None
+            ) -> dict[str, Any]:
+    """Per optimizer at its best lr: steps/epochs/seconds to each target, final accuracy,
+    and the same-seed ratios to SGD (raw and normalised clocks)."""
+    task: Task = task_result["task"]
+    final: list[RunResult] = task_result["final"]
+    per_opt: dict[str, Any] = {}
+    by_opt: dict[str, dict[int, RunResult]] = {}
+    for r in final:
+        by_opt.setdefault(r.optimizer, {})[r.seed] = r
+    for opt, runs in by_opt.items():
+        entry: dict[str, Any] = {"lr": task_result["best_lr"][opt],
+                                 "seeds": sorted(runs),
+                                 "errors": {s: r.error for s, r in runs.items() if r.error}}
+        entry["final_accuracy"] = common.summarize(r.final_accuracy for r in runs.values())
+        entry["final_test_loss"] = common.summarize(r.final_loss for r in runs.values())
+        entry["train_seconds"] = common.summarize(
+            r.summary.get("train_seconds", math.nan) for r in runs.values())
+        if opt == "mlbfgs":
+            entry["counters"] = {s: {k: r.summary.get(k) for k in
+                                     ("accepted_pairs", "rejected_pairs", "sgd_fallbacks",
+                                      "skipped_steps", "last_nu", "last_gamma")}
+                                 for s, r in runs.items()}
+        for target in task.targets:
+            key = f"{int(round(100 * target))}"
+            hits = {s: r.first_reaching(target) for s, r in runs.items()}
+            reached = {s: h for s, h in hits.items() if h is not None}
+            steps = [float(h["step"]) for h in reached.values()]
+            entry[f"reached_{key}"] = f"{len(reached)}/{len(runs)}"
+            # Medians only over seeds that reached it; "reached" says how many did.
+            entry[f"steps_to_{key}"] = common.summarize(steps)
+            entry[f"epochs_to_{key}"] = common.summarize(h["epoch"] for h in reached.values())
+            entry[f"seconds_to_{key}"] = common.summarize(h["time"] for h in reached.values())
+            if iteration_ms and opt in iteration_ms:
+                entry[f"norm_seconds_to_{key}"] = common.summarize(
+                    normalised_seconds(opt, s, iteration_ms) for s in steps)
+            sgd_runs = by_opt.get("sgd", {})
+            raw_ratio, norm_ratio = [], []
+            for s, h in reached.items():
+                sgd_hit = sgd_runs[s].first_reaching(target) if s in sgd_runs else None
+                if sgd_hit is None:
+                    continue
+                raw_ratio.append(h["time"] / sgd_hit["time"])
+                if iteration_ms and opt in iteration_ms:
+                    norm_ratio.append(normalised_seconds(opt, h["step"], iteration_ms)
+                                      / normalised_seconds("sgd", sgd_hit["step"],
+                                                           iteration_ms))
+            entry[f"time_ratio_to_sgd_{key}"] = common.summarize(raw_ratio)
+            entry[f"norm_time_ratio_to_sgd_{key}"] = common.summarize(norm_ratio)
+        per_opt[opt] = entry
+    return {"task": task.name, "model": task.model, "dataset": task.dataset,
+            "epochs": task.epochs, "eval_every": task.eval_every, "full_grid": task.full_grid,
+            "swept": task.sweep, "sweep_epochs": task.sweep_epochs, "seeds": list(task.seeds),
+            "sweep_seeds": task.sweep_seeds,
+            "targets": list(task.targets),
+            "lr_grid": {o: list(LR_GRID[o]) for o in per_opt}, "best_lr": task_result[
+                "best_lr"], "per_optimizer": per_opt, "seconds": task_result["seconds"],
+            "sweep": [_run_row(r) for r in task_result["sweep"]]}
+
+
+def _run_row(r: RunResult) -> dict[str, Any]:
+    return {"optimizer": r.optimizer, "lr": r.lr, "seed": r.seed, "phase": r.phase,
+            "final_accuracy": r.final_accuracy, "final_test_loss": r.final_loss,
+            "steps_to_90": _steps_to(r, 0.90), "error": r.error,
+            "train_seconds": r.summary.get("train_seconds", math.nan),
+            "eval_seconds": r.eval_seconds, "wall_seconds": r.wall_seconds}
+
+
+def csv_rows(task_result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per run (sweep and final), for tta.csv."""
+    task: Task = task_result["task"]
+    rows = []
+    seen = set()
+    for r in task_result["sweep"] + task_result["final"]:
+        if id(r) in seen:
+            continue
+        seen.add(id(r))
+        row = {"task": task.name, **_run_row(r),
+               "best_lr": r.lr == task_result["best_lr"][r.optimizer]}
+        for target in task.targets:
+            hit = r.first_reaching(target)
+            key = f"{int(round(100 * target))}"
+            row[f"step_{key}"] = hit["step"] if hit else ""
+            row[f"epoch_{key}"] = hit["epoch"] if hit else ""
+            row[f"seconds_{key}"] = hit["time"] if hit else ""
+        rows.append(row)
+    return rows
+
+
+def plot(task_result: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Loss vs steps, loss vs training seconds, test accuracy vs seconds (best lr each)."""
+    plt = common.use_agg_backend()
+    import numpy as np
+
+    task: Task = task_result["task"]
+    final: list[RunResult] = task_result["final"]
+    by_opt: dict[str, list[RunResult]] = {}
+    for r in final:
+        by_opt.setdefault(r.optimizer, []).append(r)
+    paths = []
+    specs = [("loss_vs_steps", "train", "step", "loss", "optimizer steps", "training loss"),
+             ("loss_vs_time", "train", "time", "loss", "training seconds (eval excluded)",
+              "training loss"),
+             ("accuracy_vs_time", "evals", "time", "test_accuracy",
+              "training seconds (eval excluded)", "test accuracy")]
+    for name, source, xkey, ykey, xlabel, ylabel in specs:
+        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=90)
+        for opt, runs in by_opt.items():
+            curves = [getattr(r, source) for r in runs if getattr(r, source)]
+            if not curves:
+                continue
+            length = min(len(c) for c in curves)
+            xs = np.array([[rec[xkey] for rec in c[:length]] for c in curves])
+            ys = np.array([[rec[ykey] for rec in c[:length]] for c in curves], dtype=float)
+            x = np.median(xs, axis=0)
+            lr = task_result["best_lr"][opt]
+            line, = ax.plot(x, np.median(ys, axis=0), label=f"{opt} (lr {lr:g})", lw=1.4)
+            ax.fill_between(x, ys.min(axis=0), ys.max(axis=0), color=line.get_color(),
+                            alpha=0.15, lw=0)
+        if ykey == "loss":
+            ax.set_yscale("log")
+        if ykey == "test_accuracy":
+            lo = min(task.targets) - 0.1
+            ax.set_ylim(lo, 1.0)
+            for target in task.targets:
+                ax.axhline(target, color="grey", lw=0.6, ls=":")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{task.name}: {ylabel} (median of {len(task.seeds)} seeds, band "
+                     "min–max)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"tta_{task.name}_{name}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
