@@ -58,6 +58,8 @@ if [[ ! -f $stamp/deps-$req_hash ]]; then
   "${pip[@]}" packaging cloudpickle psutil pyyaml cmake
   "${pip[@]}" "numpy" "h5py" "mpi4py" "tqdm" "scikit-learn" "matplotlib" \
               "pytest" "pytest-timeout"
+  # The benchmarks' second-order peer (Shampoo); --no-deps so it cannot touch torch.
+  "${pip[@]}" --no-deps "pytorch-optimizer==4.1.0"
   touch "$stamp/deps-$req_hash"
 fi
 
