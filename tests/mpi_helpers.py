@@ -3,11 +3,13 @@ and the "distributed result equals single-process result" comparison."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -61,3 +63,12 @@ def assert_same_params(reference: dict[str, torch.Tensor], other: dict[str, torc
         worst = max(worst, diff)
         torch.testing.assert_close(other[name], ref, atol=atol, rtol=rtol, msg=name)
     return worst
+
+
+def load_module(name: str, path: Path) -> ModuleType:
+    """Import a script (an MPI worker, a tool) from its file path under ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -9,7 +9,6 @@ process killed by SIGKILL while writing, and every tool subcommand.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import logging
 import os
@@ -21,7 +20,6 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import h5py
@@ -31,6 +29,7 @@ import torch
 
 from mlbfgs_hpc import MLBFGS, LocalCommunicator, build_blocks
 from mlbfgs_hpc import checkpoint as ckpt
+from tests.mpi_helpers import load_module
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "mpi_scripts" / "ckpt_worker.py"
@@ -38,19 +37,11 @@ TOOL = REPO / "tools" / "mlbfgs_ckpt.py"
 PYTHON = sys.executable
 
 
-def _load_module(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-worker = _load_module("ckpt_worker", WORKER)
+worker = load_module("ckpt_worker", WORKER)
 try:  # installed as a package by setup.cfg; fall back to the source tree
     from mlbfgs_hpc_tools.mlbfgs_ckpt import main as tool_main
 except ImportError:
-    tool_main = _load_module("mlbfgs_ckpt", TOOL).main
+    tool_main = load_module("mlbfgs_ckpt", TOOL).main
 
 
 def params_npz(out: Path) -> dict[str, np.ndarray]:

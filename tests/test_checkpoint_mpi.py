@@ -19,7 +19,6 @@ Each mpirun has a timeout that fails the test.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -27,47 +26,35 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pytest
 
 from mlbfgs_hpc import checkpoint as ckpt
+from tests.mpi_helpers import load_module, mpi_env
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "mpi_scripts" / "ckpt_worker.py"
 TOOL = REPO / "tools" / "mlbfgs_ckpt.py"
 PYTHON = sys.executable
 RTOL, ATOL = 1e-9, 1e-11
-MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "OMPI_MCA_rmaps_base_oversubscribe": "1", "OMP_NUM_THREADS": "1",
-           # Oversubscribed ranks must yield the CPU while they wait, or they starve each other.
-           "OMPI_MCA_mpi_yield_when_idle": "1"}
 
 pytestmark = pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mpirun")
 
 
-def _load_module(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-worker = _load_module("ckpt_worker_mpi", WORKER)
+worker = load_module("ckpt_worker_mpi", WORKER)
 try:  # installed as a package by setup.cfg; fall back to the source tree
     from mlbfgs_hpc_tools.mlbfgs_ckpt import main as tool_main
 except ImportError:
-    tool_main = _load_module("mlbfgs_ckpt_mpi", TOOL).main
+    tool_main = load_module("mlbfgs_ckpt_mpi", TOOL).main
 
 
 def mpirun(n: int, args: list[str], *, timeout: float = 150,
            wrapper: list[str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the worker on ``n`` ranks; a timeout kills the whole job and fails the test."""
     cmd = ["mpirun", "-np", str(n), *(wrapper or []), PYTHON, str(WORKER), *args]
-    proc = subprocess.Popen(cmd, env={**os.environ, **MPI_ENV}, text=True,
+    proc = subprocess.Popen(cmd, env=mpi_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
@@ -197,7 +184,7 @@ def test_node_local_storage_is_refused(tmp_path: Path) -> None:
     shell = (f"mount -t tmpfs tmpfs {run} && exec {PYTHON} {WORKER} --run-dir {run} "
              f"--out {tmp_path / 'out'} --steps 2 --save-at 2 --visibility-wait 0.5")
     cmd = ["mpirun", "-np", "2", "unshare", "-m", "sh", "-c", shell]
-    proc = subprocess.Popen(cmd, env={**os.environ, **MPI_ENV}, text=True,
+    proc = subprocess.Popen(cmd, env=mpi_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
