@@ -351,6 +351,11 @@ _CHILD_TEST = textwrap.dedent(
         with open(os.environ["CHILD_MARK"], "w") as f:
             f.write("up")
         if os.environ["CHILD_MODE"] == "fail":
+            # Fail only once the parent has seen the cluster up: failing at once would race
+            # the fixture's teardown against the parent's namespace count.
+            deadline = time.monotonic() + 60
+            while not os.path.exists(os.environ["CHILD_GO"]) and time.monotonic() < deadline:
+                time.sleep(0.05)
             assert False, "deliberate failure"
         time.sleep(120)
     """
@@ -363,9 +368,10 @@ def test_fixture_tears_down_on_failure_and_interrupt(tmp_path: Path, mode: str) 
     prefix = default_prefix() + {"fail": "ff", "sigint": "fi", "sigterm": "ft"}[mode]
     (tmp_path / "test_child.py").write_text(_CHILD_TEST)
     mark = tmp_path / "mark"
+    go = tmp_path / "go"
     pythonpath = os.pathsep.join([str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
     env = {**MPI_ENV, "NETNS_CLUSTER_PREFIX": prefix, "CHILD_MODE": mode,
-           "CHILD_MARK": str(mark), "PYTHONPATH": pythonpath}
+           "CHILD_MARK": str(mark), "CHILD_GO": str(go), "PYTHONPATH": pythonpath}
     proc = subprocess.Popen(
         [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
          "--rootdir", str(tmp_path), str(tmp_path / "test_child.py")],
@@ -377,6 +383,7 @@ def test_fixture_tears_down_on_failure_and_interrupt(tmp_path: Path, mode: str) 
             time.sleep(0.1)
         assert mark.exists(), "child never got its cluster"
         assert len(prefix_namespaces(prefix)) == 3  # the child's cluster is really up
+        go.touch()
         if mode == "sigint":
             proc.send_signal(signal.SIGINT)
         elif mode == "sigterm":
