@@ -8,6 +8,7 @@ the machines it runs on are often shared and absolute timings drift by tens of p
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import math
@@ -15,7 +16,8 @@ import os
 import platform
 import statistics
 import subprocess
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -172,3 +174,22 @@ def use_agg_backend() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def add_timer(owner: Any, attr: str, sink: dict[str, float], key: str) -> Callable[[], None]:
+    """Wrap ``owner.attr`` so each call adds its wall time to ``sink[key]``; return an undo.
+
+    The wrapper is set on the instance, so the class (and other instances) stay untouched.
+    """
+    original = getattr(owner, attr)
+
+    @functools.wraps(original)
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            sink[key] += time.perf_counter() - start
+
+    setattr(owner, attr, timed)
+    return lambda: delattr(owner, attr) if attr in vars(owner) else None

@@ -22,7 +22,6 @@ every optimizer, one process. Protocol:
 
 from __future__ import annotations
 
-import functools
 import logging
 import tempfile
 import time
@@ -97,18 +96,7 @@ def _instrument(opt: MLBFGS, sink: dict[str, float]) -> Callable[[], None]:
     undo: list[Callable[[], None]] = []
 
     def wrap(owner: Any, attr: str, piece: str) -> None:
-        original = getattr(owner, attr)
-
-        @functools.wraps(original)
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                sink[piece] += time.perf_counter() - start
-
-        setattr(owner, attr, timed)
-        undo.append(lambda: delattr(owner, attr) if attr in vars(owner) else None)
+        undo.append(common.add_timer(owner, attr, sink, piece))
 
     wrap(opt, "_gather_owned", "gather")
     wrap(opt, "_apply_weight_decay", "weight decay")

@@ -16,7 +16,6 @@ Rank 0 gathers every rank's record and writes one JSON file.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -32,19 +31,14 @@ from mlbfgs_hpc import MLBFGS, build_blocks, init_communicator
 from mlbfgs_hpc.data import shard_bounds
 from mlbfgs_hpc.models import build_model
 
+try:  # run as a script from tools/ (under mpirun) or imported from the installed package
+    from bench_common import add_timer
+except ImportError:  # pragma: no cover
+    from mlbfgs_hpc_tools.bench_common import add_timer
+
 
 def _wrap(owner: Any, attr: str, sink: dict[str, float], key: str) -> None:
-    original: Callable[..., Any] = getattr(owner, attr)
-
-    @functools.wraps(original)
-    def timed(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            sink[key] += time.perf_counter() - start
-
-    setattr(owner, attr, timed)
+    add_timer(owner, attr, sink, key)
 
 
 def main() -> None:
