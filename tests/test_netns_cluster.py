@@ -131,6 +131,33 @@ def test_hosts_have_own_name_address_and_no_route_out(netns_cluster: Any) -> Non
     assert st["up"] and all(h["alive"] for h in st["hosts"])
 
 
+def _json_objects(text: str) -> list[dict[str, Any]]:
+    """Every JSON object in ``text``. mpirun forwards the ranks' output concurrently, so two
+    ranks' one-line reports can arrive on the same line: decode objects, not lines."""
+    decoder = json.JSONDecoder()
+    found: list[dict[str, Any]] = []
+    start = text.find("{")
+    while start != -1:
+        try:
+            obj, end = decoder.raw_decode(text, start)
+        except json.JSONDecodeError:
+            end = start + 1  # a brace that starts no object (e.g. in a warning): skip it
+        else:
+            found.append(obj)
+        start = text.find("{", end)
+    return found
+
+
+def _reports_two_per_host(r: Any, cluster: Any) -> list[dict[str, Any]]:
+    """The JSON line of each of 4 ranks, checked: success, ranks 0-1 on host 0, 2-3 on host 1."""
+    assert r.returncode == 0, r.stdout + r.stderr
+    reports = sorted(_json_objects(r.stdout), key=lambda d: d["rank"])
+    assert [d["rank"] for d in reports] == [0, 1, 2, 3]
+    names = [h.name for h in cluster.hosts]
+    assert [d["host"] for d in reports] == [names[0], names[0], names[1], names[1]]
+    return reports
+
+
 @pytest.mark.parametrize("which", ["hostfile", "nodefile"])
 def test_mpi4py_allreduce_across_hosts(netns_cluster: Any, which: str) -> None:
     prog = textwrap.dedent(
@@ -147,12 +174,7 @@ def test_mpi4py_allreduce_across_hosts(netns_cluster: Any, which: str) -> None:
         """
     )
     r = run_mpi(netns_cluster, 4, [PY, "-c", prog], hostfile=getattr(netns_cluster, which))
-    assert r.returncode == 0, r.stdout + r.stderr
-    reports = sorted((json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")),
-                     key=lambda d: d["rank"])
-    assert [d["rank"] for d in reports] == [0, 1, 2, 3]
-    names = [h.name for h in netns_cluster.hosts]
-    assert [d["host"] for d in reports] == [names[0], names[0], names[1], names[1]]
+    reports = _reports_two_per_host(r, netns_cluster)
     for d in reports:
         assert d["size"] == 4
         assert d["sum"] == [10.0, 15.0]  # 1+2+3+4 and 1+2+4+8
@@ -180,12 +202,7 @@ def test_horovod_allreduce_across_hosts(netns_cluster: Any) -> None:
         """
     )
     r = run_mpi(netns_cluster, 4, [PY, "-c", prog], forward=["PYTHONPATH"])
-    assert r.returncode == 0, r.stdout + r.stderr
-    reports = sorted((json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")),
-                     key=lambda d: d["rank"])
-    assert [d["rank"] for d in reports] == [0, 1, 2, 3]
-    names = [h.name for h in netns_cluster.hosts]
-    assert [d["host"] for d in reports] == [names[0], names[0], names[1], names[1]]
+    reports = _reports_two_per_host(r, netns_cluster)
     for d in reports:
         assert d["sum"] == [10.0, 15.0]
         # Horovod sees two nodes of two ranks each: distinct host names at work.
