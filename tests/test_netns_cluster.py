@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -270,7 +271,8 @@ def test_kill_host_makes_mpirun_exit_nonzero_without_hang(record_property: Any) 
                 if not line:
                     break
                 lines.append(line)
-                started += line.startswith("started")
+                # Count reports, not lines: mpirun may put two ranks' output on one line.
+                started = len(re.findall(r"started \d+", "".join(lines)))
             assert started == 4, "".join(lines)
             time.sleep(1.0)  # ranks are now in their barrier loop
             t0 = time.monotonic()
