@@ -223,6 +223,14 @@ class GradientReducer:
         self._flat: torch.Tensor | None = None
         if comm.size > 1 and backend == "horovod":
             self._hvd = comm.horovod()  # type: ignore[attr-defined]
+            on_gpu = any(p.device.type == "cuda" for _, p in self.named_params)
+            if on_gpu and not (self._hvd.cuda_built() or self._hvd.rocm_built()):
+                # tools/bootstrap.sh builds Horovod with CPU operations only; Horovod itself
+                # would fail later, inside its background thread, with a less clear message.
+                raise RuntimeError(
+                    "the parameters are on a GPU but this Horovod was built without GPU "
+                    "operations: use --grad-backend mpi (stages gradients through host "
+                    "memory) or rebuild Horovod with HOROVOD_GPU_OPERATIONS=NCCL")
             for name, param in self.named_params:
                 self._hook_handles.append(
                     param.register_post_accumulate_grad_hook(self._make_hook(name)))

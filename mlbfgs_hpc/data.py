@@ -100,6 +100,18 @@ class DatasetSplit:
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
+    def to(self, device: torch.device | str) -> DatasetSplit:
+        """This split with its tensors on ``device`` (itself when they already are there).
+
+        The in-memory datasets are small (Fashion-MNIST: 188 MB of float32 inputs), so a GPU
+        run moves each split once instead of copying every batch across PCIe.
+        """
+        device = torch.device(device)
+        if self.x.device == device:
+            return self
+        return DatasetSplit(x=self.x.to(device), y=self.y.to(device),
+                            num_classes=self.num_classes)
+
 
 def load_dataset(
     name: str,

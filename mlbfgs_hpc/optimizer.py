@@ -12,7 +12,7 @@ Step on every rank (DESIGN.md §1–§2)::
 
     gradients averaged (GradientReducer)          -> copy owned grads/params into flat buffers
     allgather(non-finite flag)                    -> skip the step everywhere if any rank saw one
-    g = grad + wd·θ; EMA buffers; pairs at t = kT -> two-loop per owned block
+    g = grad + wd·θ; EMA buffers; pairs at t = kT -> H·g (compact form) per owned block
     allgather(gᵀd, #curved blocks, counters)      -> identical guard ν on every rank
     outer momentum, lr per param group            -> Allgatherv(update)   -> θ ← θ − update
 
@@ -228,6 +228,14 @@ class MLBFGS(torch.optim.Optimizer):
         # Scratch for forming (s, y) without touching the ring before the pair is accepted.
         self._scratch_s = torch.zeros(max_block, **kw)
         self._scratch_y = torch.zeros(max_block, **kw)
+        # Per owned block, gᵀd and γ of this step, written on the parameters' device and
+        # read back by ONE transfer: on a GPU a float() per block would be a host-device
+        # synchronisation each (2 per block per step).
+        self._block_scalars = torch.zeros(2, len(self.owned_blocks), **kw)
+        self._g_dot_d_slots = tuple(self._block_scalars[0, k:k + 1]
+                                    for k in range(len(self.owned_blocks)))
+        self._gamma_slots = tuple(self._block_scalars[1, k:k + 1]
+                                  for k in range(len(self.owned_blocks)))
         self._global = {
             "step": torch.zeros((), dtype=torch.int64),
             "skipped_steps": torch.zeros((), dtype=torch.int64),
@@ -297,18 +305,25 @@ class MLBFGS(torch.optim.Optimizer):
             self._flat_state["snap_param"].copy_(self._flat_state["m_param"])
             self._flat_state["snap_grad"].copy_(self._flat_state["m_grad"])
 
-        g_dot_d = 0.0
-        curved = 0
-        gamma_sum = 0.0
-        for b, sl in self._block_slices.items():
+        curved_slots: list[int] = []
+        for k, (b, sl) in enumerate(self._block_slices.items()):
             d, g = self._direction[sl], self._grad[sl]
             d.copy_(g)
             curvature = self._curvature[b]
             if curvature.has_curvature:
                 curvature.apply_inverse_hessian_(d)
-                curved += 1
-                gamma_sum += float(curvature.gamma)
-            g_dot_d += float(torch.dot(g, d))
+                curved_slots.append(k)
+                self._gamma_slots[k].copy_(curvature.gamma)
+            torch.mv(g.view(1, -1), d, out=self._g_dot_d_slots[k])
+        g_dots, gammas = self._block_scalars.tolist()  # the one device → host transfer
+        # Added in block order as Python floats, as every rank and every p does.
+        g_dot_d = 0.0
+        for value in g_dots:
+            g_dot_d += value
+        curved = len(curved_slots)
+        gamma_sum = 0.0
+        for k in curved_slots:
+            gamma_sum += gammas[k]
         accepted = sum(int(c.accepted) for c in self._curvature.values())
         rejected = sum(int(c.rejected) for c in self._curvature.values())
         totals = _sum_in_rank_order(self.comm.allgather_scalars(

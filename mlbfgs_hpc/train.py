@@ -47,6 +47,11 @@ DEFAULT_LR = {"mlbfgs": 0.1, "sgd": 0.05, "adam": 1e-3, "lbfgs": 0.1}
 _DEFAULTS = MLBFGSConfig()
 
 
+class UsageError(ValueError):
+    """A command-line value that cannot work here (``main`` reports it and exits 2, like
+    argparse, instead of a traceback)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mlbfgs-train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -102,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--eval-every", type=int, default=0, help="test-set evaluation every N steps "
                                                 "(0: at the end of every epoch)")
     a("--synthetic-size", type=int, default=2048)
+    a("--device", default="auto",
+      help="'auto' (this rank's GPU when CUDA is available, else the CPU), 'cpu', 'cuda' "
+           "(GPU number local rank modulo the GPUs this host has) or 'cuda:N'")
     a("--threads", type=int, default=None,
       help="torch intra-op threads per rank (default: cores / ranks on this host)")
     a("--quiet", action="store_true", help="no progress bar")
@@ -128,10 +136,50 @@ def main(argv: list[str] | None = None) -> int:
         except ckpt.CheckpointError as exc:
             logger.error("%s", exc)
             return 1
+        except UsageError as exc:
+            logger.error("%s", exc)
+            return 2
     finally:
         # Not the listener: Python resets its own handlers to the default action while it
         # shuts down. A first SIGTERM then still terminates, as it should.
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def resolve_device(spec: str, *, local_rank: int = 0) -> torch.device:
+    """The device a rank trains on, from ``--device``.
+
+    ``auto`` is the GPU when CUDA is available, else the CPU. A bare ``cuda`` (and ``auto``)
+    gives each rank on a host its own GPU, ``local_rank`` modulo the GPUs the host has (the
+    usual one-rank-per-GPU launch); ranks beyond the GPU count share GPUs round-robin.
+
+    Args:
+        spec: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        local_rank: this rank's index among the ranks on its host (>= 0).
+
+    Raises:
+        UsageError: an unknown spec, or CUDA asked for where there is none (or no GPU N).
+        ValueError: a negative ``local_rank``.
+    """
+    if local_rank < 0:
+        raise ValueError(f"local_rank must be >= 0, got {local_rank}")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        spec = "cuda"
+    if spec != "cuda" and not spec.startswith("cuda:"):
+        raise UsageError(f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {spec!r}")
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {spec}: CUDA is not available to this torch "
+                         f"({torch.__version__}); use --device cpu or auto")
+    count = torch.cuda.device_count()
+    if spec == "cuda":
+        return torch.device("cuda", local_rank % count)
+    index = spec.removeprefix("cuda:")
+    if not index.isdigit() or int(index) >= count:
+        raise UsageError(f"--device {spec}: this host has GPUs 0..{count - 1}")
+    return torch.device("cuda", int(index))
 
 
 def _setup_logging(rank: int) -> None:
@@ -151,15 +199,19 @@ class Trainer:
 
     def __init__(self, *, args: argparse.Namespace, comm: LocalCommunicator) -> None:
         if args.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+            raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
         self.args = args
         self.comm = comm
         self.run_dir = Path(args.run_dir)
         threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, comm.local_size))
         torch.set_num_threads(threads)
+        self.device = resolve_device(args.device, local_rank=comm.local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        logger.info("%d rank(s); rank 0 trains on %s", comm.size, self.device)
 
-        self.train_set = self._load("train")
-        self.test_set = self._load("test")
+        self.train_set = self._load("train").to(self.device)
+        self.test_set = self._load("test").to(self.device)
         self.sampler = GlobalBatchSampler(
             dataset_size=len(self.train_set), global_batch_size=args.batch_size,
             seed=args.seed, rank=comm.rank, world_size=comm.size)
@@ -168,8 +220,10 @@ class Trainer:
                             else max(1, round(args.epochs * steps_per_epoch)))
 
         torch.manual_seed(args.seed)
+        # Built on the CPU, then moved: the initial weights depend only on the seed, not on
+        # the device, so a CPU and a GPU run start from the same point.
         self.model = build_model(args.model, in_shape=self.train_set.in_shape,
-                                 num_classes=self.train_set.num_classes)
+                                 num_classes=self.train_set.num_classes).to(self.device)
         # Same seed on every rank gives the same initialisation; broadcast to be certain.
         comm.broadcast_tensors_(list(self.model.parameters()) + list(self.model.buffers()))
         self.lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
@@ -277,7 +331,7 @@ class Trainer:
         self.model.train()
         while self.step < self.total_steps:
             epoch, batch_index = divmod(self.step, steps_per_epoch)
-            idx = self.sampler.local_indices(epoch, batch_index)
+            idx = self.sampler.local_indices(epoch, batch_index).to(self.device)
             global_len = self.sampler.global_batch_len(batch_index)
             loss_sum, correct = self._train_step(idx, global_len)
             self.step += 1
