@@ -1,17 +1,21 @@
 """Tests of the per-block curvature code (``mlbfgs_hpc.curvature``).
 
-* The two-loop recursion (:meth:`BlockCurvature.apply_inverse_hessian_`) against the dense
-  BFGS inverse-Hessian recursion ``H ← (I − ρ s yᵀ) H (I − ρ y sᵀ) + ρ s sᵀ`` from
-  ``H0 = γ I`` (γ of the newest pair), in float64, before and after the ring wraps.
+* ``H·q`` (:meth:`BlockCurvature.apply_inverse_hessian_`, the compact form) and the two-loop
+  recursion (:meth:`BlockCurvature.two_loop_`) against the dense BFGS inverse-Hessian
+  recursion ``H ← (I − ρ s yᵀ) H (I − ρ y sᵀ) + ρ s sᵀ`` from ``H0 = γ I`` (γ of the newest
+  pair), in float64, before and after the ring wraps; the two forms against each other in
+  float64 and float32.
 * The damping formula (DESIGN.md §1.4) on hand-computed cases at both bounds and between.
 * Pair rejection (non-finite, ``sᵀŷ <= ε sᵀs``, ``s = 0``): counted, never stored.
-* The recursion allocates no memory (torch.profiler) and issues a number of kernels that
-  depends on the number of stored pairs only, never on the block size.
+* Both forms allocate no memory per call (torch.profiler); the compact form issues the same
+  few kernels whatever the block size and the history length, the two-loop a number that
+  grows with the stored pairs only.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -19,7 +23,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from mlbfgs_hpc.config import MLBFGSConfig
-from mlbfgs_hpc.curvature import CURVATURE_STATE_KEYS, BlockCurvature, damp_pair_, damping_factor
+from mlbfgs_hpc.curvature import (
+    CURVATURE_STATE_KEYS, BlockCurvature, compact_middle_matrix, damp_pair_, damping_factor)
 
 F64 = torch.float64
 CPU = torch.device("cpu")
@@ -82,6 +87,9 @@ def test_two_loop_equals_dense_bfgs_recursion(offered: int) -> None:
     out = curv.apply_inverse_hessian_(q)
     assert out is q  # in place
     np.testing.assert_allclose(q.numpy(), expected, rtol=1e-10, atol=1e-12)
+    looped = g.clone()
+    assert curv.two_loop_(looped) is looped
+    np.testing.assert_allclose(looped.numpy(), expected, rtol=1e-10, atol=1e-12)
 
     s_new, y_new = pairs[-1]
     assert float(curv.gamma) == pytest.approx(float(s_new @ y_new) / float(y_new @ y_new),
@@ -260,38 +268,77 @@ def test_rejection_into_empty_ring_keeps_it_empty() -> None:
 
 
 # ---- allocation and vectorisation -----------------------------------------------------------
-def _profile_two_loop(curv: BlockCurvature, q: torch.Tensor) -> tuple[int, int]:
-    """(bytes allocated, number of ATen ops) of one ``apply_inverse_hessian_`` call."""
-    curv.apply_inverse_hessian_(q)  # warm any lazy initialisation
+def _profile(fn: Callable[[torch.Tensor], torch.Tensor], q: torch.Tensor) -> tuple[int, int]:
+    """(bytes allocated, number of ATen ops) of one call ``fn(q)``."""
+    fn(q)  # warm any lazy initialisation
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        curv.apply_inverse_hessian_(q)
+        fn(q)
     events = prof.events()
-    allocated = sum(e.cpu_memory_usage for e in events if e.cpu_memory_usage > 0)
-    ops = sum(1 for e in events if e.name.startswith("aten::"))
-    return allocated, ops
+    return (sum(e.cpu_memory_usage for e in events if e.cpu_memory_usage > 0),
+            sum(1 for e in events if e.name.startswith("aten::")))
 
 
+@pytest.mark.parametrize("form", ["apply_inverse_hessian_", "two_loop_"])
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
-def test_two_loop_allocates_nothing(dtype: torch.dtype) -> None:
+def test_h_times_q_allocates_nothing(dtype: torch.dtype, form: str) -> None:
     n, m = 2000, 6
     curv = new_curvature(n, m, dtype)
     for s, y in diagonal_pairs(9, n, seed=2):
         curv.offer_pair(s.to(dtype), y.to(dtype), config=NO_DAMPING)
-    allocated, _ = _profile_two_loop(curv, torch.randn(n, dtype=dtype))
-    assert allocated == 0
+    assert _profile(getattr(curv, form), torch.randn(n, dtype=dtype))[0] == 0
 
 
-def test_two_loop_work_depends_on_history_length_only() -> None:
-    """The Python loop runs over stored pairs; each iteration is a whole-block kernel."""
+def test_work_depends_on_neither_block_size_nor_history_length() -> None:
+    """Compact form: a fixed handful of whole-block kernels. Two-loop: linear in the pairs."""
     m = 6
-    ops: dict[tuple[int, int], int] = {}
+    compact: dict[tuple[int, int], int] = {}
+    loop: dict[tuple[int, int], int] = {}
     for n in (10, 100_000):
         for count in (1, 3, 6):
             curv = new_curvature(n, m)
             for s, y in diagonal_pairs(count, n, seed=count):
                 curv.offer_pair(s, y, config=NO_DAMPING)
-            ops[(n, count)] = _profile_two_loop(curv, torch.randn(n, dtype=F64))[1]
+            q = torch.randn(n, dtype=F64)
+            compact[(n, count)] = _profile(curv.apply_inverse_hessian_, q)[1]
+            loop[(n, count)] = _profile(curv.two_loop_, q)[1]
+    assert len(set(compact.values())) == 1, compact
     for count in (1, 3, 6):
-        assert ops[(10, count)] == ops[(100_000, count)]        # independent of block size
-    per_pair = ops[(10, 3)] - ops[(10, 1)]
-    assert per_pair > 0 and ops[(10, 6)] - ops[(10, 3)] == 3 * per_pair // 2  # linear in count
+        assert loop[(10, count)] == loop[(100_000, count)]        # independent of block size
+    per_pair = loop[(10, 3)] - loop[(10, 1)]
+    assert per_pair > 0 and loop[(10, 6)] - loop[(10, 3)] == 3 * per_pair // 2
+    assert compact[(10, 6)] < loop[(10, 6)] / 4
+
+
+# ---- compact form vs two-loop -----------------------------------------------------------------
+@pytest.mark.parametrize("offered", [1, 4, 10, 11, 17])
+def test_compact_form_equals_two_loop(offered: int) -> None:
+    n, m = 3000, 10
+    for dtype, rtol in ((F64, 1e-12), (torch.float32, 2e-5)):
+        curv = new_curvature(n, m, dtype)
+        for s, y in positive_pairs(offered, n, seed=offered) if n <= 200 else \
+                diagonal_pairs(offered, n, seed=offered):
+            assert curv.offer_pair(s.to(dtype), y.to(dtype), config=MLBFGSConfig())
+        g = torch.randn(n, generator=torch.Generator().manual_seed(5), dtype=dtype)
+        compact = curv.apply_inverse_hessian_(g.clone())
+        looped = curv.two_loop_(g.clone())
+        rel = float((compact.double() - looped.double()).norm() / looped.double().norm())
+        assert rel < rtol, (dtype, rel)
+
+
+def test_compact_matrix_zero_for_empty_slots_and_rejects_bad_order() -> None:
+    n, m = 50, 4
+    curv = new_curvature(n, m)
+    for s, y in positive_pairs(2, n, seed=4):
+        curv.offer_pair(s, y, config=NO_DAMPING)
+    # Slots 0 and 1 hold pairs: W over 3 slots has zero rows/columns for slot 2.
+    rows = 3
+    w = compact_middle_matrix(curv.S[:rows] @ curv.Y[:rows].T, curv.Y[:rows] @ curv.Y[:rows].T,
+                              curv.rho[:rows], [1, 0], float(curv.gamma))
+    assert w.shape == (6, 6) and w.dtype == F64
+    for empty in (2, 5):
+        assert not w[empty].any() and not w[:, empty].any()
+    torch.testing.assert_close(w, w.T)  # W is symmetric
+    with pytest.raises(ValueError, match="order"):
+        compact_middle_matrix(w[:3, :3], w[:3, :3], curv.rho[:3], [3], 1.0)
+    with pytest.raises(ValueError, match="order"):
+        compact_middle_matrix(w[:3, :3], w[:3, :3], curv.rho[:3], [], 1.0)

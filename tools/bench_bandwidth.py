@@ -1,4 +1,4 @@
-"""The physical limit of the two-loop recursion: memory bandwidth, and a compact-form rival.
+"""The physical limit of H·g: memory bandwidth, the two-loop recursion and the compact form.
 
 The L-BFGS two-loop recursion does ~4 flops per float it touches, so on any CPU it is bound by
 memory bandwidth, not by arithmetic. This module measures, in the same process and
@@ -13,7 +13,7 @@ interleaved repeat by repeat (so a shared machine's drifting load hits both alik
   ``b += s·c`` (3 streams, no write-allocate penalty since ``b`` is read anyway), which is
   exactly the access pattern of the two-loop's updates, and a dot product (2 read streams).
 * **The two-loop recursion** of :class:`mlbfgs_hpc.curvature.BlockCurvature`, its
-  ``apply_inverse_hessian_`` unchanged. Bytes it must move per call with ``k`` stored pairs
+  reference method ``two_loop_`` unchanged. Bytes it must move per call with ``k`` stored pairs
   on a block of ``n`` float32 parameters, kernel by kernel as the code executes them:
 
   ====================  ===========================  ===============
@@ -37,7 +37,8 @@ interleaved repeat by repeat (so a shared machine's drifting load hits both alik
   Per step: two GEMVs out (``S q``, ``Ŷ q``: read 2k·n + 2n), a tiny 2k×2k product, two
   GEMVs back (``q ← γq + Sᵀc_S``, ``q += Ŷᵀc_Y``: read 2k·n + 3n, write 2n) — total
   ``(4k + 7)·n·4`` bytes (``(4k + 9)·n·4`` with the copy ``d ← g``), ~2.5× less than the loop, in 4 BLAS-2 calls instead of 4k BLAS-1
-  calls. :func:`compact_inverse_hessian_apply` is ready to use; it is checked against the
+  calls. Measured faster than the loop on every size here, it is what
+  ``BlockCurvature.apply_inverse_hessian_`` (so ``MLBFGS.step``) uses; it is checked against the
   loop in float64 here.
 
 Which bytes reach DRAM depends on the cache (32 MiB L3 on the reference machine): the history
@@ -73,95 +74,21 @@ STREAM_N = 1 << 25
 BYTES_F32 = 4
 
 
-# ---------------------------------------------------------------------------- compact form
-
-def compact_form_matrix(S: torch.Tensor, Y: torch.Tensor, order: list[int],
-                        gamma: float) -> torch.Tensor:
-    """The 2k×2k middle matrix ``W`` of the compact L-BFGS form, in *storage* order.
-
-    Rebuild it whenever a pair is accepted (every ``update_freq`` steps): it costs the two
-    k×k Gram matrices ``SᵀŶ`` and ``ŶᵀŶ`` (a production version keeps them up to date with
-    one new row/column per pair: 3 GEMVs of k×n) plus O(k³) work in float64.
-
-    With pairs in chronological order (oldest first), ``R = triu(SᵀŶ)``, ``D = diag(SᵀŶ)``
-    and ``u = R⁻¹·(S q)``, Byrd–Nocedal–Schnabel's form gives
-    ``H q = γq + Sᵀ·R⁻ᵀ((D + γŶᵀŶ)u − γ·Ŷq) − γ·Ŷᵀu``, i.e.
-    ``[c_S; c_Y] = [[R⁻ᵀ(D + γŶᵀŶ)R⁻¹, −γR⁻ᵀ], [−γR⁻¹, 0]] · [Sq; Ŷq]``.
-
-    Args:
-        S: ``(m, n)`` history of s vectors (ring storage, as ``BlockCurvature.S``).
-        Y: ``(m, n)`` history of damped ŷ vectors (``BlockCurvature.Y``).
-        order: the ring slots holding pairs, newest first (``BlockCurvature._order``); the
-            valid slots must be ``0..k-1`` (true for the ring: it fills from slot 0).
-        gamma: the initial scaling γ of H0 = γI (``BlockCurvature.gamma``).
-
-    Returns:
-        ``W`` as float64 ``(2k, 2k)``, rows/columns in storage order of ``S[:k]`` then
-        ``Y[:k]``.
-    """
-    k = len(order)
-    if k == 0 or sorted(order) != list(range(k)):
-        raise ValueError(f"order must be a permutation of 0..k-1 with k >= 1, got {order}")
-    chrono = list(reversed(order))  # oldest first
-    Sk, Yk = S[:k].double(), Y[:k].double()
-    sty = (Sk @ Yk.T)[chrono][:, chrono]
-    yty = (Yk @ Yk.T)[chrono][:, chrono]
-    R = torch.triu(sty)
-    D = torch.diag(torch.diagonal(sty))
-    eye = torch.eye(k, dtype=torch.float64)
-    R_inv = torch.linalg.solve_triangular(R, eye, upper=True)
-    top_left = R_inv.T @ (D + gamma * yty) @ R_inv
-    W = torch.zeros(2 * k, 2 * k, dtype=torch.float64)
-    W[:k, :k] = top_left
-    W[:k, k:] = -gamma * R_inv.T
-    W[k:, :k] = -gamma * R_inv
-    # Back to storage order: chronological position j is storage slot chrono[j].
-    perm = torch.tensor(chrono + [k + c for c in chrono])
-    W_storage = torch.empty_like(W)
-    W_storage[perm.unsqueeze(1), perm.unsqueeze(0)] = W
-    return W_storage
-
-
-def compact_inverse_hessian_apply(q: torch.Tensor, S: torch.Tensor, Y: torch.Tensor,
-                                  W: torch.Tensor, gamma: float, *,
-                                  scratch: torch.Tensor | None = None) -> torch.Tensor:
-    """In place ``q ← H·q`` by the compact form: 4 GEMVs and one tiny product, no loop.
-
-    Equal (up to rounding) to ``BlockCurvature.apply_inverse_hessian_`` on the same history.
-
-    Args:
-        q: the vector, ``(n,)``, overwritten with ``H q``.
-        S: ``(m, n)`` s history; only the first ``k = W.shape[0] // 2`` rows are used.
-        Y: ``(m, n)`` ŷ history, same layout.
-        W: the matrix from :func:`compact_form_matrix` (any float dtype; cast once to
-            ``q``'s dtype by the caller for speed).
-        gamma: γ of H0.
-        scratch: optional ``(2k,)`` buffer of ``q``'s dtype for ``[Sq; Ŷq]`` (avoids an
-            allocation per call).
-
-    Returns:
-        ``q``.
-    """
-    k = W.shape[0] // 2
-    Sk, Yk = S[:k], Y[:k]
-    ab = scratch if scratch is not None else torch.empty(2 * k, dtype=q.dtype, device=q.device)
-    torch.mv(Sk, q, out=ab[:k])
-    torch.mv(Yk, q, out=ab[k:])
-    coeff = torch.mv(W, ab)
-    q.mul_(gamma)
-    q.addmv_(Sk.T, coeff[:k])
-    q.addmv_(Yk.T, coeff[k:])
-    return q
-
-
 # ------------------------------------------------------------------------- measurements
 
-def _filled_curvature(n: int, m: int, *, dtype: torch.dtype, seed: int) -> BlockCurvature:
+def _filled_curvature(n: int, m: int, *, dtype: torch.dtype, seed: int,
+                      device: torch.device | str = "cpu") -> BlockCurvature:
     """A BlockCurvature whose ring has wrapped (m + 3 pairs offered) on a diagonal model.
 
     Pairs come from a quadratic with a diagonal Hessian h ∈ [0.1, 10] plus 10 % noise, so
-    sᵀy > 0 and the real damping/acceptance code of curvature.py fills the ring.
+    sᵀy > 0 and the real damping/acceptance code of curvature.py fills the ring. The ring
+    is filled on the CPU (same numbers on every machine) and copied to ``device``.
     """
+    if torch.device(device).type != "cpu":
+        cpu = _filled_curvature(n, m, dtype=dtype, seed=seed)
+        curv = BlockCurvature(numel=n, history_size=m, dtype=dtype, device=torch.device(device))
+        curv.load_state_tensors(cpu.state_tensors())
+        return curv
     gen = torch.Generator().manual_seed(seed)
     h = torch.empty(n, dtype=dtype).uniform_(0.1, 10.0, generator=gen)
     curv = BlockCurvature(numel=n, history_size=m, dtype=dtype, device=torch.device("cpu"))
@@ -184,19 +111,16 @@ def check_compact_correctness(*, n: int = 100_000, histories: tuple[int, ...] = 
     for m in histories:
         ref = _filled_curvature(n, m, dtype=torch.float64, seed=seed)
         g = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
-        loop64 = ref.apply_inverse_hessian_(g.clone())
-        W = compact_form_matrix(ref.S, ref.Y, ref._order, float(ref.gamma))
-        comp64 = compact_inverse_hessian_apply(g.clone(), ref.S, ref.Y, W, float(ref.gamma))
+        loop64 = ref.two_loop_(g.clone())
+        comp64 = ref.apply_inverse_hessian_(g.clone())
         rel64 = float((comp64 - loop64).norm() / loop64.norm())
 
         cur32 = BlockCurvature(numel=n, history_size=m, dtype=torch.float32,
                                device=torch.device("cpu"))
         cur32.load_state_tensors({k: (v.float() if v.is_floating_point() else v)
                                   for k, v in ref.state_tensors().items()})
-        loop32 = cur32.apply_inverse_hessian_(g.float())
-        W32 = compact_form_matrix(cur32.S, cur32.Y, cur32._order, float(cur32.gamma)).float()
-        comp32 = compact_inverse_hessian_apply(g.float(), cur32.S, cur32.Y, W32,
-                                               float(cur32.gamma))
+        loop32 = cur32.two_loop_(g.float())
+        comp32 = cur32.apply_inverse_hessian_(g.float())
         rows.append({
             "history": m, "n": n,
             "rel_err_compact_vs_loop_f64": rel64,
@@ -257,16 +181,12 @@ def two_loop_vs_bandwidth(*, sizes: tuple[int, ...], histories: tuple[int, ...],
         for n in sizes:
             curv = _filled_curvature(n, m, dtype=torch.float32, seed=seed)
             k = int(curv.count)
-            gamma = float(curv.gamma)
-            W = compact_form_matrix(curv.S, curv.Y, curv._order, gamma).float()
-            scratch = torch.empty(2 * k)
             g = torch.randn(n)
             q = g.clone()
             # Each call starts with d <- g, as in MLBFGS.step (and H·H·…·g would overflow);
             # the copy's 2n floats are counted in the bytes below.
-            loop = lambda: curv.apply_inverse_hessian_(q.copy_(g))  # noqa: E731
-            compact = lambda: compact_inverse_hessian_apply(  # noqa: E731
-                q.copy_(g), curv.S, curv.Y, W, gamma, scratch=scratch)
+            loop = lambda: curv.two_loop_(q.copy_(g))  # noqa: E731
+            compact = lambda: curv.apply_inverse_hessian_(q.copy_(g))  # noqa: E731
             # Same-footprint triad: 3 arrays holding (2k+1)·n floats together.
             fn = max(1, ((2 * k + 1) * n) // 3)
             fa, fb, fc = torch.zeros(fn), torch.rand(fn), torch.rand(fn)
@@ -323,7 +243,7 @@ def two_loop_vs_bandwidth(*, sizes: tuple[int, ...], histories: tuple[int, ...],
                         row["loop_gbps"]["median"],
                         row["loop_fraction_of_dram_triad"]["median"],
                         row["compact_ms"]["median"], row["compact_speedup"]["median"])
-            del curv, W, g, q, fa, fb, fc
+            del curv, g, q, fa, fb, fc
     return rows
 
 

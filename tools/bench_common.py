@@ -176,19 +176,26 @@ def use_agg_backend() -> Any:
     return plt
 
 
-def add_timer(owner: Any, attr: str, sink: dict[str, float], key: str) -> Callable[[], None]:
+def add_timer(owner: Any, attr: str, sink: dict[str, float], key: str, *,
+              sync: Callable[[], None] | None = None) -> Callable[[], None]:
     """Wrap ``owner.attr`` so each call adds its wall time to ``sink[key]``; return an undo.
 
     The wrapper is set on the instance, so the class (and other instances) stay untouched.
+    ``sync`` (e.g. ``torch.cuda.synchronize``) runs before the clock starts and before it
+    stops, so asynchronous GPU work is charged to the piece that launched it.
     """
     original = getattr(owner, attr)
 
     @functools.wraps(original)
     def timed(*args: Any, **kwargs: Any) -> Any:
+        if sync is not None:
+            sync()
         start = time.perf_counter()
         try:
             return original(*args, **kwargs)
         finally:
+            if sync is not None:
+                sync()
             sink[key] += time.perf_counter() - start
 
     setattr(owner, attr, timed)

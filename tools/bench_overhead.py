@@ -7,7 +7,7 @@ every optimizer, one process. Protocol:
 
 1. Build one :class:`~bench_driver.BenchTrainer` per optimizer (same seed: same model, same
    batches). Warm mL-BFGS up until its ring is full (``(m+1)·T`` steps with T = 50, m = 10:
-   the first pair forms at 2T), so the timed steps run the full two-loop with 10 pairs.
+   the first pair forms at 2T), so the timed steps apply H with the full 10 pairs.
 2. Repeat R times: for each optimizer, in an order rotated every repeat, time a window of
    exactly T consecutive steps (so every mL-BFGS window contains one pair formation: the
    amortised cost is included). The ratio of each window to SGD's window *of the same
@@ -54,7 +54,7 @@ CONFIGS: tuple[tuple[str, str, str], ...] = (
 TIMING_LR = {"mlbfgs": 0.1, "sgd": 0.05, "adam": 1e-3, "lbfgs": 0.1, "shampoo": 0.05}
 HISTORY = 10
 
-_PIECES = ("gather", "weight decay", "momentum update", "pair update", "two-loop",
+_PIECES = ("gather", "weight decay", "momentum update", "pair update", "H·g",
            "outer momentum", "collectives", "guard + inline")
 
 
@@ -82,21 +82,26 @@ class _Stepper:
 
 
 def _build(optimizer: str, model: str, dataset: str, threads: int, run_dir: str,
-           period: int) -> _Stepper:
+           period: int, extra_args: tuple[str, ...] = ()) -> _Stepper:
     args = make_args(optimizer=optimizer, model=model, dataset=dataset,
                      lr=TIMING_LR[optimizer], seed=0, steps=10**9, run_dir=run_dir,
                      threads=threads,
                      extra=["--history-size", str(HISTORY),
-                            "--update-freq", str(period), "--schedule", "none"])
+                            "--update-freq", str(period), "--schedule", "none", *extra_args])
     return _Stepper(trainer=BenchTrainer(args=args, comm=LocalCommunicator()))
 
 
 def _instrument(opt: MLBFGS, sink: dict[str, float]) -> Callable[[], None]:
-    """Wrap the optimizer's pieces with timers that add into ``sink``; return an undo."""
+    """Wrap the optimizer's pieces with timers that add into ``sink``; return an undo.
+
+    On a GPU every timer synchronises the device, so each piece is charged its own kernels
+    (the breakdown windows are separate from the ratio windows, which run unsynchronised).
+    """
     undo: list[Callable[[], None]] = []
+    sync = torch.cuda.synchronize if opt._device.type == "cuda" else None
 
     def wrap(owner: Any, attr: str, piece: str) -> None:
-        undo.append(common.add_timer(owner, attr, sink, piece))
+        undo.append(common.add_timer(owner, attr, sink, piece, sync=sync))
 
     wrap(opt, "_gather_owned", "gather")
     wrap(opt, "_apply_weight_decay", "weight decay")
@@ -104,7 +109,7 @@ def _instrument(opt: MLBFGS, sink: dict[str, float]) -> Callable[[], None]:
     wrap(opt, "_form_pairs", "pair update")
     wrap(opt, "_apply_outer_momentum", "outer momentum")
     for curv in opt._curvature.values():
-        wrap(curv, "apply_inverse_hessian_", "two-loop")
+        wrap(curv, "apply_inverse_hessian_", "H·g")
     # The communicator is shared (one per trainer); on one rank its collectives are no-ops
     # whose Python call overhead is still part of the step.
     for attr in ("allgather_scalars", "allgatherv_"):
@@ -120,15 +125,20 @@ def _instrument(opt: MLBFGS, sink: dict[str, float]) -> Callable[[], None]:
 
 def measure_config(label: str, model: str, dataset: str, *, repeats: int, threads: int,
                    period: int = CURVATURE_PERIOD,
-                   optimizers: tuple[str, ...] = OPTIMIZERS) -> dict[str, Any]:
+                   optimizers: tuple[str, ...] = OPTIMIZERS,
+                   extra_args: tuple[str, ...] = ()) -> dict[str, Any]:
     """Ratios of whole-iteration time to SGD's, and the mL-BFGS step breakdown.
 
     ``period`` is mL-BFGS's T and the window length (50 for the report; ``--quick`` uses 10
-    so the ring fills in 110 steps instead of 550).
+    so the ring fills in 110 steps instead of 550). ``extra_args`` go to every trainer's
+    ``mlbfgs-train`` arguments (``--device cuda``, ``--data-root DIR``). Each iteration ends
+    with the driver reading the loss back (``float``), so on a GPU every timed step has
+    finished its kernels when its clock stops.
     """
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
-        steppers = {name: _build(name, model, dataset, threads, f"{tmp}/{name}", period)
+        steppers = {name: _build(name, model, dataset, threads, f"{tmp}/{name}", period,
+                                 extra_args)
                     for name in optimizers}
         ml = steppers["mlbfgs"].trainer.optimizer
         assert isinstance(ml, MLBFGS)
@@ -195,6 +205,7 @@ def measure_config(label: str, model: str, dataset: str, *, repeats: int, thread
                   for name, st in steppers.items()}
     result = {
         "label": label, "model": model, "dataset": dataset, "threads": threads,
+        "device": str(steppers["mlbfgs"].trainer.device),
         "batch_size": 128, "history": HISTORY, "update_freq": period, "repeats": repeats,
         "window_steps": period, "warmup_seconds": warm_seconds,
         "parameters": sum(p.numel() for p in steppers["mlbfgs"].trainer.model.parameters()),
@@ -211,10 +222,10 @@ def measure_config(label: str, model: str, dataset: str, *, repeats: int, thread
         "mlbfgs_step_over_sgd_step": common.summarize(
             w["step total"] / s for w, s in zip(per_window, sgd_step)),
     }
-    logger.info("%s: iteration mlbfgs/sgd = %s; step %s ms (two-loop %s ms); pairs "
+    logger.info("%s: iteration mlbfgs/sgd = %s; step %s ms (H·g %s ms); pairs "
                 "accepted %d", label, common.fmt_stat(ratio["mlbfgs"]),
                 common.fmt_stat(breakdown["step total"]),
-                common.fmt_stat(breakdown["two-loop"]), counters["accepted_pairs"])
+                common.fmt_stat(breakdown["H·g"]), counters["accepted_pairs"])
     return result
 
 
