@@ -25,9 +25,9 @@ Prog. 63), the same operator as the two-loop recursion, rearranged::
 ``W`` (2k×2k) depends only on the history, so it is rebuilt in float64 when a pair is
 accepted (every ``update_freq`` steps) and whenever the ring is loaded; each step then costs
 five BLAS calls per block (two GEMVs out, the tiny ``W`` product, two GEMVs back) instead of
-the two-loop's ``6k + 2`` dependent BLAS-1 calls. On a CPU that reads the history 2× instead
-of ~2.5× (1.3–3.3× faster, BENCHMARKS.md §3); on a GPU, where every call is a kernel launch,
-2.4–7.6× faster. :meth:`BlockCurvature.two_loop_` keeps the textbook recursion: the reference
+the two-loop's ``6k + 2`` dependent BLAS-1 calls, moving ~2.5× fewer bytes: 1.1–4.3× faster
+on the reference CPU (BENCHMARKS.md §3), 2.4–10× on a GPU, where every call is a kernel
+launch (§7). :meth:`BlockCurvature.two_loop_` keeps the textbook recursion: the reference
 the tests hold the compact form to, and the fall-back for a history whose ``R`` cannot be
 inverted in float64.
 """
@@ -133,7 +133,7 @@ def compact_middle_matrix(sty: torch.Tensor, yty: torch.Tensor, rho: torch.Tenso
 
 
 class BlockCurvature:
-    """The curvature history of one block and the two-loop recursion on it.
+    """The curvature history of one block and ``H·q`` on it (compact form; two-loop reference).
 
     Args:
         numel: number of parameters of the block.
