@@ -47,6 +47,14 @@ def _stopped_at(run_dir: Path, output: str) -> int:
     return logged[0]
 
 
+def _wait_requeued(proc: TrainProcess, run_dir: Path) -> tuple[str, int]:
+    """Wait for a stopped run; assert it exited with 99; return its output and stop step."""
+    code = proc.wait(timeout=STOP_TIMEOUT)
+    out = proc.output()
+    assert code == EXIT_REQUEUE, out[-3000:]
+    return out, _stopped_at(run_dir, out)
+
+
 @pytest.mark.timeout(300)
 def test_sigusr1_checkpoints_and_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
     """SIGUSR1 -> checkpoint + 99; resuming gives bitwise the state of a run never stopped."""
@@ -59,11 +67,8 @@ def test_sigusr1_checkpoints_and_resume_equals_uninterrupted_run(tmp_path: Path)
                         log=tmp_path / "run.log")
     wait_for_step(proc, run, 10, timeout=START_TIMEOUT)
     proc.proc.send_signal(signal.SIGUSR1)
-    code = proc.wait(timeout=STOP_TIMEOUT)
-    out = proc.output()
-    assert code == EXIT_REQUEUE, out[-3000:]
+    out, stopped = _wait_requeued(proc, run)
     assert "received SIGUSR1" in out, out[-3000:]
-    stopped = _stopped_at(run, out)
     assert 10 <= stopped < STEPS, stopped
     records = read_metrics(run)
     assert [r["step"] for r in records if r["event"] == "train"] == list(
@@ -91,11 +96,8 @@ def test_sigterm_checkpoints_and_exits_99(tmp_path: Path) -> None:
                         log=tmp_path / "run.log")
     wait_for_step(proc, run, 3, timeout=START_TIMEOUT)
     proc.proc.send_signal(signal.SIGTERM)
-    code = proc.wait(timeout=STOP_TIMEOUT)
-    out = proc.output()
-    assert code == EXIT_REQUEUE, out[-3000:]
+    out, stopped = _wait_requeued(proc, run)
     assert "received SIGTERM" in out, out[-3000:]
-    stopped = _stopped_at(run, out)
     assert train_steps(run)[-1] == stopped, train_steps(run)
 
 
@@ -173,12 +175,9 @@ def test_mpirun_forwards_sigusr1_and_resume_equals_uninterrupted_run(tmp_path: P
                         log=tmp_path / "run.log", ranks=2)
     wait_for_step(proc, run, 10, timeout=START_TIMEOUT)
     proc.proc.send_signal(signal.SIGUSR1)
-    code = proc.wait(timeout=STOP_TIMEOUT)
-    out = proc.output()
-    assert code == EXIT_REQUEUE, out[-3000:]
+    out, stopped = _wait_requeued(proc, run)
     # mpirun passed the signal on to every rank (two distinct pids noted it).
     assert len(set(re.findall(r"pid (\d+)\] received SIGUSR1", out))) == 2, out[-3000:]
-    stopped = _stopped_at(run, out)
     assert stopped < STEPS
 
     code, out = run_training([*ARGS, "--run-dir", str(run)], log=tmp_path / "resume.log",
@@ -201,13 +200,10 @@ def test_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path,
     pids = proc.rank_pids(2)
     wait_for_step(proc, run, 3, timeout=START_TIMEOUT)
     os.kill(pids[signalled_rank], signal.SIGUSR1)
-    code = proc.wait(timeout=STOP_TIMEOUT)
-    out = proc.output()
-    assert code == EXIT_REQUEUE, out[-3000:]
+    out, stopped = _wait_requeued(proc, run)
     assert re.findall(r"pid (\d+)\] received SIGUSR1", out) == [str(pids[signalled_rank])], \
         out[-3000:]
     # The checkpoint is collective: one directory with both ranks' shards at one step.
-    stopped = _stopped_at(run, out)
     (info,) = list_checkpoints(run)
     assert info.world_size == 2 and info.valid, info
     assert sorted(p.name for p in info.path.glob("shard-*.h5")) == [

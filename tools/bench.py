@@ -230,14 +230,12 @@ def _bandwidth(args: argparse.Namespace, out: Path, results: dict[str, Any],
     for row in res["two_loop"]:
         flat = {"history": row["history"], "n": row["n"], "pairs": row["pairs"],
                 "loop_bytes": row["loop_bytes"], "compact_bytes": row["compact_bytes"]}
-        for key in ("loop_ms", "compact_ms", "loop_gbps", "loop_history_gbps",
-                    "loop_history_fraction_of_dram_triad", "compact_gbps", "triad_dram_gbps",
-                    "triad_footprint_gbps", "loop_fraction_of_dram_triad",
-                    "loop_fraction_of_footprint_triad", "compact_fraction_of_dram_triad",
-                    "compact_speedup"):
-            flat[f"{key}_median"] = row[key]["median"]
-            flat[f"{key}_q1"] = row[key]["q1"]
-            flat[f"{key}_q3"] = row[key]["q3"]
+        flat.update(common.stat_columns(row, (
+            "loop_ms", "compact_ms", "loop_gbps", "loop_history_gbps",
+            "loop_history_fraction_of_dram_triad", "compact_gbps", "triad_dram_gbps",
+            "triad_footprint_gbps", "loop_fraction_of_dram_triad",
+            "loop_fraction_of_footprint_triad", "compact_fraction_of_dram_triad",
+            "compact_speedup")))
         rows.append(flat)
     common.write_csv(out / "bandwidth.csv", rows)
     return res, _plot_bandwidth(res, out)
@@ -296,12 +294,9 @@ def _scaling(args: argparse.Namespace, out: Path, results: dict[str, Any],
     rows = []
     for s in res["configs"]:
         row = {k: v for k, v in s.items() if not isinstance(v, dict)}
-        for key in ("iteration_ms", "fwd_bwd_ms", "step_ms", "local_ms", "grad_reduce_ms",
-                    "allgatherv_ms", "scalar_allgather_ms"):
-            if key in s:
-                row[f"{key}_median"] = s[key]["median"]
-                row[f"{key}_q1"] = s[key]["q1"]
-                row[f"{key}_q3"] = s[key]["q3"]
+        row.update(common.stat_columns(s, (
+            "iteration_ms", "fwd_bwd_ms", "step_ms", "local_ms", "grad_reduce_ms",
+            "allgatherv_ms", "scalar_allgather_ms")))
         rows.append(row)
     common.write_csv(out / "scaling.csv", rows)
     return res, bench_scaling.plot(res, out)

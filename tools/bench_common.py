@@ -42,6 +42,13 @@ def summarize(values: Iterable[float]) -> dict[str, float]:
             "max": data[-1], "n": len(data)}
 
 
+def stat_columns(source: dict[str, Any], keys: Iterable[str]) -> dict[str, float]:
+    """CSV columns ``<key>_median``, ``<key>_q1``, ``<key>_q3`` of the :func:`summarize`
+    dicts ``source[key]`` (keys missing from ``source`` are skipped)."""
+    return {f"{key}_{part}": source[key][part]
+            for key in keys if key in source for part in ("median", "q1", "q3")}
+
+
 def fmt_stat(stat: dict[str, float], *, digits: int = 3, spread: str = "iqr") -> str:
     """``median [q1–q3]`` (or ``[min–max]``) as text; ``n/a`` when there is no value."""
     if not stat or stat.get("n", 0) == 0 or math.isnan(stat["median"]):
