@@ -132,6 +132,12 @@ def compact_middle_matrix(sty: torch.Tensor, yty: torch.Tensor, rho: torch.Tenso
     return w
 
 
+def diagonal_scale(s: torch.Tensor, y: torch.Tensor, diag: torch.Tensor) -> float:
+    """c of ``H0 = c·diag``: sᵀy / (yᵀ·diag·y), the diagonal analogue of γ = sᵀy/yᵀy (the
+    Oren–Luenberger scaling measured in the metric of ``diag``)."""
+    return float(torch.dot(s, y)) / float(torch.dot(y * diag, y))
+
+
 class BlockCurvature:
     """The curvature history of one block and ``H·q`` on it (compact form; two-loop reference).
 
@@ -159,6 +165,10 @@ class BlockCurvature:
         self.count = torch.zeros((), dtype=torch.int64)
         self.accepted = torch.zeros((), dtype=torch.int64)
         self.rejected = torch.zeros((), dtype=torch.int64)
+        #: τ of the last offered pair (NaN before the first): a diagnostic, not state.
+        self.last_tau = math.nan
+        #: Signal-to-noise ratio of the last offered pair's sᵀy (NaN unless measured).
+        self.last_snr = math.nan
         # Row views and scalar scratch are made once so the per-step recursion allocates
         # no tensor storage (views of existing storage only). The dot products go through
         # ``torch.mv`` on (1, n) row views into (1,) slots: ``torch.dot(..., out=)`` computes
@@ -179,6 +189,11 @@ class BlockCurvature:
         self._proj = torch.zeros(2 * history_size, **kw)     # [S·q; Ŷ·q]
         self._coeff = torch.zeros(2 * history_size, **kw)    # [c_S; c_Y] = W·[S·q; Ŷ·q]
         self._compact: tuple[torch.Tensor, ...] | None = None
+        # Diagonal H0 (optional): the caller's un-scaled diagonal D̃, and H0 = c·D̃ frozen
+        # at the last rebuild (W depends on it, so it changes only when W is rebuilt).
+        self._diag_source: torch.Tensor | None = None
+        self.h0_diag: torch.Tensor | None = None
+        self._tmp: torch.Tensor | None = None
 
     # ---- state --------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -208,6 +223,7 @@ class BlockCurvature:
     def offer_pair(self, s: torch.Tensor, y: torch.Tensor, *, config: MLBFGSConfig) -> bool:
         """Damp ``(s, y)`` (``y`` is overwritten with ŷ) and push it if it passes the test."""
         pair = damp_pair_(s, y, config=config)
+        self.last_tau = pair.tau
         if not pair.accepted(config.curvature_eps):
             self.rejected += 1
             return False
@@ -223,6 +239,23 @@ class BlockCurvature:
         self._rebuild_compact()
         return True
 
+    def use_diagonal(self, diag: torch.Tensor) -> None:
+        """Take ``H0 = c·diag`` instead of ``γ·I`` from the next rebuild on.
+
+        ``diag`` (positive, ``numel`` entries) is read, not copied, at every
+        :meth:`refresh_diagonal`; c is :func:`diagonal_scale` of the newest pair.
+        """
+        if diag.shape != (self.numel,):
+            raise ValueError(f"diag must have shape ({self.numel},), got {tuple(diag.shape)}")
+        self._diag_source = diag
+        self.h0_diag = torch.zeros_like(diag)
+        self._tmp = torch.zeros_like(diag)
+
+    def refresh_diagonal(self) -> None:
+        """Re-read the diagonal and rebuild ``W`` with it (no-op for ``γ·I``)."""
+        if self._diag_source is not None:
+            self._rebuild_compact()
+
     def _rebuild_compact(self) -> None:
         """Recompute ``W`` from the ring (a deterministic function of the state tensors, so a
         loaded checkpoint reproduces it bit for bit)."""
@@ -231,8 +264,17 @@ class BlockCurvature:
             return
         rows = max(self._order) + 1  # = count until the ring wraps, then m
         s_rows, y_rows = self.S[:rows], self.Y[:rows]
-        w = compact_middle_matrix(s_rows @ y_rows.T, y_rows @ y_rows.T, self.rho[:rows],
-                                  self._order, float(self.gamma))
+        if self._diag_source is not None and self.h0_diag is not None:
+            newest = self._order[0]
+            scale = diagonal_scale(self._s_rows[newest], self._y_rows[newest],
+                                   self._diag_source)
+            torch.mul(self._diag_source, scale, out=self.h0_diag)
+            # W of the compact form for H0 = D: Ŷ's Gram in D's metric, γ = 1 (D carries it).
+            w = compact_middle_matrix(s_rows @ y_rows.T, (y_rows * self.h0_diag) @ y_rows.T,
+                                      self.rho[:rows], self._order, 1.0)
+        else:
+            w = compact_middle_matrix(s_rows @ y_rows.T, y_rows @ y_rows.T, self.rho[:rows],
+                                      self._order, float(self.gamma))
         if not bool(torch.isfinite(w).all()):
             # R is numerically singular: the recursion divides by each ρ on its own instead.
             logger.debug("compact form unavailable (R not invertible): two-loop recursion")
@@ -254,6 +296,15 @@ class BlockCurvature:
             return self.two_loop_(q)
         s_rows, y_rows, s_cols, y_cols, w, proj, proj_s, proj_y, coeff, c_s, c_y = self._compact
         torch.mv(s_rows, q, out=proj_s)
+        if self.h0_diag is not None and self._tmp is not None:
+            # H·q = D·q + S·c_S + D·(Ŷ·c_Y), with [c_S; c_Y] = W·[S·q; Ŷ·(D·q)].
+            q.mul_(self.h0_diag)
+            torch.mv(y_rows, q, out=proj_y)
+            torch.mv(w, proj, out=coeff)
+            torch.mv(y_cols, c_y, out=self._tmp)
+            q.addcmul_(self._tmp, self.h0_diag)
+            q.addmv_(s_cols, c_s)
+            return q
         torch.mv(y_rows, q, out=proj_y)
         torch.mv(w, proj, out=coeff)
         q.mul_(self.gamma)
@@ -272,7 +323,7 @@ class BlockCurvature:
             torch.mv(self._s_mats[i], q, out=alpha[i])
             alpha[i].mul_(self._rho_items[i])
             q.addcmul_(self._y_rows[i], alpha[i], value=-1.0)
-        q.mul_(self.gamma)
+        q.mul_(self.gamma if self.h0_diag is None else self.h0_diag)
         for i in reversed(self._order):             # oldest → newest
             torch.mv(self._y_mats[i], q, out=beta)
             beta.mul_(self._rho_items[i]).neg_().add_(alpha[i])   # αᵢ − βᵢ

@@ -11,6 +11,9 @@ Datasets (all returned whole, in memory, as normalised float32 ``(N, C, H, W)`` 
 * ``synthetic``: Gaussian class clusters, 1x8x8, 10 classes; learnable (a linear model gets
   ~97 %) and fully determined by ``seed``. Train and test share the class means but draw their
   samples from distinct streams.
+* ``python-stdlib``: next-character prediction on the running Python's own standard-library
+  sources (:mod:`mlbfgs_hpc.text`): int64 token windows ``(N, 64)`` with the next character
+  of every position as target ``(N, 64)``, 128 ASCII classes; split by file.
 
 Data order: :class:`GlobalBatchSampler` defines, per epoch, a permutation that depends only on
 (seed, epoch, dataset size) and cuts it into global batches; each rank takes a contiguous shard
@@ -32,9 +35,11 @@ from typing import Literal
 import numpy as np
 import torch
 
+from . import text
+
 logger = logging.getLogger(__name__)
 
-DATASET_NAMES: tuple[str, ...] = ("fashion-mnist", "digits", "synthetic")
+DATASET_NAMES: tuple[str, ...] = ("fashion-mnist", "digits", "synthetic", "python-stdlib")
 SPLITS: tuple[str, ...] = ("train", "test")
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -69,12 +74,14 @@ _IDX_UBYTE = 0x08
 
 @dataclass(frozen=True, eq=False)
 class DatasetSplit:
-    """One split of a dataset, held in memory.
+    """One split of a dataset, held in memory: images with labels, or token sequences with
+    the next token of every position.
 
     Args:
-        x: float32 inputs ``(N, C, H, W)``, already normalised.
-        y: int64 class labels ``(N,)`` in ``[0, num_classes)``.
-        num_classes: number of classes (>= 1).
+        x: float32 images ``(N, C, H, W)``, already normalised; or int64 tokens ``(N, L)``.
+        y: int64 targets in ``[0, num_classes)``: ``(N,)`` class labels for images, ``(N, L)``
+            next tokens for token sequences.
+        num_classes: number of classes (the vocabulary size for tokens), >= 1.
     """
 
     x: torch.Tensor
@@ -82,20 +89,33 @@ class DatasetSplit:
     num_classes: int
 
     def __post_init__(self) -> None:
-        if self.x.dtype != torch.float32 or self.x.dim() != 4:
-            raise ValueError(f"x must be a float32 (N, C, H, W) tensor, got {self.x.dtype} "
-                             f"with shape {tuple(self.x.shape)}")
-        if self.y.dtype != torch.int64 or self.y.shape != (self.x.shape[0],):
-            raise ValueError(f"y must be an int64 tensor of shape ({self.x.shape[0]},), got "
+        images = self.x.dtype == torch.float32 and self.x.dim() == 4
+        tokens = self.x.dtype == torch.int64 and self.x.dim() == 2
+        if not (images or tokens):
+            raise ValueError(f"x must be a float32 (N, C, H, W) or an int64 (N, L) tensor, "
+                             f"got {self.x.dtype} with shape {tuple(self.x.shape)}")
+        want = tuple(self.x.shape) if tokens else (self.x.shape[0],)
+        if self.y.dtype != torch.int64 or tuple(self.y.shape) != want:
+            raise ValueError(f"y must be an int64 tensor of shape {want}, got "
                              f"{self.y.dtype} with shape {tuple(self.y.shape)}")
         if not isinstance(self.num_classes, int) or self.num_classes < 1:
             raise ValueError(f"num_classes must be an integer >= 1, got {self.num_classes!r}")
 
     @property
-    def in_shape(self) -> tuple[int, int, int]:
-        """Shape (channels, height, width) of one input, as models expect it."""
-        channels, height, width = self.x.shape[1:]
-        return (int(channels), int(height), int(width))
+    def is_sequence(self) -> bool:
+        """Token sequences (one target per position) rather than labelled images."""
+        return self.x.dim() == 2
+
+    @property
+    def targets_per_sample(self) -> int:
+        """Targets (loss terms) per sample: 1 for an image, L for a sequence of L tokens."""
+        return int(self.x.shape[1]) if self.is_sequence else 1
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        """Shape of one input, as models expect it: (channels, height, width) of an image, or
+        (L,) of a token sequence."""
+        return tuple(int(v) for v in self.x.shape[1:])
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -126,8 +146,9 @@ def load_dataset(
     Args:
         name: one of :data:`DATASET_NAMES`.
         split: ``"train"`` or ``"test"``.
-        root: fashion-mnist only: directory holding the idx files (default
-            :data:`FASHION_MNIST_ROOT`, where the Debian package installs them).
+        root: fashion-mnist: directory holding the idx files (default
+            :data:`FASHION_MNIST_ROOT`, where the Debian package installs them);
+            python-stdlib: directory of ``*.py`` files (default: this Python's stdlib).
         synthetic_size: synthetic only: number of samples of the requested split (>= 1).
         seed: synthetic only: seed (>= 0) of the class means and samples. The real datasets
             and the digits split are fixed and ignore it.
@@ -137,7 +158,8 @@ def load_dataset(
 
     Raises:
         ValueError: bad ``name``, ``split``, ``synthetic_size`` or ``seed``.
-        FileNotFoundError: a Fashion-MNIST file is missing (names the path and the package).
+        FileNotFoundError: a Fashion-MNIST file is missing (names the path and the package),
+            or the python-stdlib directory holds no ``*.py`` file.
     """
     if name not in DATASET_NAMES:
         raise ValueError(f"name must be one of {DATASET_NAMES}, got {name!r}")
@@ -147,6 +169,9 @@ def load_dataset(
         return _load_fashion_mnist(split, root if root is not None else FASHION_MNIST_ROOT)
     if name == "digits":
         return _load_digits(split)
+    if name == "python-stdlib":
+        x, y = text.load_windows(split, root=root)
+        return DatasetSplit(x=x, y=y, num_classes=text.VOCAB_SIZE)
     if not isinstance(synthetic_size, int) or synthetic_size < 1:
         raise ValueError(f"synthetic_size must be an integer >= 1, got {synthetic_size!r}")
     _check_seed(seed)

@@ -1,7 +1,10 @@
-"""Model zoo of the training command: an MLP, a small CNN and a CIFAR-style ResNet-18.
+"""Model zoo of the training command: an MLP, a small CNN, a CIFAR-style ResNet-18 and a
+small decoder-only character transformer.
 
-Every model takes images shaped ``(N, C, H, W)`` (tabular data such as scikit-learn's digits
-is fed as ``(N, 1, 8, 8)``) and returns logits shaped ``(N, num_classes)``. Parameters are
+The image models take images shaped ``(N, C, H, W)`` (tabular data such as scikit-learn's
+digits is fed as ``(N, 1, 8, 8)``) and return logits shaped ``(N, num_classes)``; the
+transformer takes int64 tokens ``(N, L)`` and returns next-token logits ``(N, L, vocab)``.
+Parameters are
 initialised with PyTorch's default initialisers, which draw from the global RNG, so
 ``torch.manual_seed(s)`` before :func:`build_model` gives the same weights on every rank and
 every run. torchvision is deliberately not a dependency; the ResNet is written out here.
@@ -23,7 +26,9 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAMES: tuple[str, ...] = ("mlp", "cnn", "resnet18")
+MODEL_NAMES: tuple[str, ...] = ("mlp", "cnn", "resnet18", "transformer")
+#: Models that read token sequences ``(N, L)`` and predict every next token.
+SEQUENCE_MODELS: tuple[str, ...] = ("transformer",)
 
 
 def _check_in_shape(in_shape: tuple[int, int, int], *, min_side: int = 1) -> tuple[int, int, int]:
@@ -229,10 +234,98 @@ class ResNet18(nn.Module):
         return self.fc(torch.flatten(self.pool(out), 1))
 
 
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention (``F.scaled_dot_product_attention``, is_causal).
+
+    Args:
+        width: model width d (>= 1), divisible by ``heads``.
+        heads: number of attention heads (>= 1).
+    """
+
+    def __init__(self, *, width: int, heads: int) -> None:
+        super().__init__()
+        _check_positive_int(width, "width")
+        _check_positive_int(heads, "heads")
+        if width % heads:
+            raise ValueError(f"width ({width}) must be divisible by heads ({heads})")
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, L, d)`` → ``(N, L, d)``; position i attends to positions ≤ i."""
+        n, length, width = x.shape
+        q, k, v = self.qkv(x).view(n, length, 3, self.heads, width // self.heads).unbind(2)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        return self.proj(out.transpose(1, 2).reshape(n, length, width))
+
+
+class TransformerLayer(nn.Module):
+    """Pre-LayerNorm decoder layer: ``x + attn(ln(x))``, then ``x + mlp(ln(x))`` (GELU, 4×)."""
+
+    def __init__(self, *, width: int, heads: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(width)
+        self.attn = CausalSelfAttention(width=width, heads=heads)
+        self.ln2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(),
+                                 nn.Linear(4 * width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the layer to ``(N, L, d)``."""
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class CharTransformer(nn.Module):
+    """Small decoder-only (GPT-style) character language model.
+
+    Token and learned position embeddings, ``depth`` pre-LN :class:`TransformerLayer` s, a
+    final LayerNorm and a linear head to the vocabulary. Embeddings start at N(0, 0.02²) as
+    in GPT-2 (PyTorch's N(0, 1) default would dwarf the LayerNorm'd residual stream); the
+    linear layers keep PyTorch's defaults. With the defaults (width 64, depth 4, context 64,
+    vocabulary 128) it has 220,672 parameters in 28 layers (blocks).
+
+    Args:
+        in_shape: ``(L,)``: the context length (tokens per sample), >= 1.
+        num_classes: vocabulary size (>= 1); inputs are token ids in ``[0, num_classes)``.
+        width: model width d (>= 1, divisible by ``heads``).
+        depth: number of decoder layers (>= 1).
+        heads: attention heads per layer (>= 1).
+    """
+
+    def __init__(self, *, in_shape: tuple[int, ...], num_classes: int, width: int = 64,
+                 depth: int = 4, heads: int = 4) -> None:
+        super().__init__()
+        if len(tuple(in_shape)) != 1:
+            raise ValueError(f"in_shape must be (context_length,) for the transformer, got "
+                             f"{in_shape!r}")
+        context = operator.index(tuple(in_shape)[0])
+        _check_positive_int(context, "in_shape[0] (context length)")
+        _check_positive_int(num_classes, "num_classes")
+        _check_positive_int(depth, "depth")
+        self.tok_emb = nn.Embedding(num_classes, width)
+        self.pos_emb = nn.Embedding(context, width)
+        nn.init.normal_(self.tok_emb.weight, std=0.02)
+        nn.init.normal_(self.pos_emb.weight, std=0.02)
+        self.layers = nn.Sequential(*(TransformerLayer(width=width, heads=heads)
+                                      for _ in range(depth)))
+        self.ln_f = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
+        self.register_buffer("positions", torch.arange(context), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return next-token logits ``(N, L, num_classes)`` for int64 tokens ``(N, L)``."""
+        h = self.tok_emb(x) + self.pos_emb(self.positions[:x.shape[1]])
+        return self.head(self.ln_f(self.layers(h)))
+
+
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
     "cnn": SmallCNN,
     "resnet18": ResNet18,
+    "transformer": CharTransformer,
 }
 
 
@@ -245,10 +338,12 @@ def build_model(
 
     Args:
         name: one of :data:`MODEL_NAMES`.
-        in_shape: input shape (channels, height, width), e.g. ``DatasetSplit.in_shape``.
+        in_shape: input shape, e.g. ``DatasetSplit.in_shape``: (channels, height, width) for
+            the image models, (context length,) for the transformer.
         num_classes: number of output logits (>= 1).
         **options: model-specific keywords: ``hidden_sizes`` (mlp); ``channels``,
-            ``pool_size``, ``hidden_size`` (cnn); ``width`` (resnet18).
+            ``pool_size``, ``hidden_size`` (cnn); ``width`` (resnet18); ``width``,
+            ``depth``, ``heads`` (transformer).
 
     Returns:
         The model, in training mode, on the CPU, in float32.
@@ -265,7 +360,8 @@ def build_model(
         raise ValueError(
             f"model {name!r} does not take option(s) {unknown}; allowed: {sorted(accepted)}"
         )
-    model = builder(in_shape=_check_in_shape(in_shape), num_classes=num_classes, **options)
+    # Every builder validates its own in_shape: (C, H, W) for images, (L,) for tokens.
+    model = builder(in_shape=tuple(in_shape), num_classes=num_classes, **options)
     n_params = count_parameters(model)
     logger.debug("built %s for in_shape=%s, %d classes: %d parameters (%.2f M)",
                  name, tuple(in_shape), num_classes, n_params, n_params / 1e6)

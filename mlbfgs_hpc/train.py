@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from .blocks import build_blocks
 from .comm import GRAD_BACKENDS, GradientReducer, LocalCommunicator, init_communicator
-from .config import CLIP_MODES, MLBFGSConfig
+from .config import CLIP_MODES, H0_MODES, PRECONDITION_MODES, MLBFGSConfig
 from .data import DATASET_NAMES, DatasetSplit, GlobalBatchSampler, load_dataset, shard_bounds
-from .models import MODEL_NAMES, build_model
+from .models import MODEL_NAMES, SEQUENCE_MODELS, build_model
 from .optimizer import MLBFGS
 from .signals import EXIT_OK, EXIT_REQUEUE, StopRequest, process_age_seconds
 
@@ -59,8 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "ranks. With no arguments: a short Fashion-MNIST run of the small CNN.")
     a = p.add_argument
     a("--model", choices=MODEL_NAMES, default="cnn")
-    a("--dataset", choices=DATASET_NAMES, default="fashion-mnist")
-    a("--data-root", default=None, help="directory of the Fashion-MNIST idx.gz files")
+    a("--dataset", choices=DATASET_NAMES, default="fashion-mnist",
+      help="python-stdlib (next-character prediction) goes with --model transformer")
+    a("--data-root", default=None, help="directory of the Fashion-MNIST idx.gz files "
+      "(python-stdlib: of the *.py files; default this Python's standard library)")
+    a("--width", type=int, default=None,
+      help="model width: resnet18 base channels (default 64), transformer d_model (64)")
+    a("--depth", type=int, default=None, help="transformer layers (default 4)")
     a("--optimizer", choices=OPTIMIZERS, default="mlbfgs")
     a("--epochs", type=float, default=2.0, help="length of the run in epochs")
     a("--steps", type=int, default=None, help="length in optimizer steps (overrides --epochs)")
@@ -71,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--step-size", type=int, default=None,
       help="'step' schedule: steps between decays (default: a third of the run)")
     a("--gamma", type=float, default=0.1, help="'step' schedule: decay factor")
+    a("--warmup-steps", type=int, default=0,
+      help="linear lr warm-up over this many steps before the schedule (0: none)")
     a("--weight-decay", type=float, default=0.0)
     a("--momentum", type=float, default=_DEFAULTS.momentum,
       help="outer momentum of mlbfgs, momentum of sgd")
@@ -85,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--curvature-eps", type=float, default=_DEFAULTS.curvature_eps)
     a("--clip", choices=CLIP_MODES, default=_DEFAULTS.clip)
     a("--kl-clip", type=float, default=_DEFAULTS.kl_clip)
+    a("--pair-momentum", type=float, default=_DEFAULTS.pair_momentum)
+    a("--precondition", choices=PRECONDITION_MODES, default=_DEFAULTS.precondition)
+    a("--curvature-shift", type=float, default=_DEFAULTS.curvature_shift)
+    a("--h0", choices=H0_MODES, default=_DEFAULTS.h0)
+    a("--h0-beta", type=float, default=_DEFAULTS.h0_beta)
+    a("--h0-eps", type=float, default=_DEFAULTS.h0_eps)
+    a("--pair-snr", type=float, default=_DEFAULTS.pair_snr)
     a("--block-size", type=int, default=None,
       help="parameters per curvature block (default: one layer per block)")
     a("--seed", type=int, default=0)
@@ -219,11 +233,19 @@ class Trainer:
         self.total_steps = (args.steps if args.steps is not None
                             else max(1, round(args.epochs * steps_per_epoch)))
 
+        if (args.model in SEQUENCE_MODELS) != self.train_set.is_sequence:
+            raise UsageError(f"--model {args.model} cannot train on --dataset {args.dataset}: "
+                             f"the transformer needs token data (python-stdlib), the other "
+                             f"models need images")
+        #: Loss terms per sample: 1 per image, one per position of a token sequence.
+        self.targets_per_sample = self.train_set.targets_per_sample
+
         torch.manual_seed(args.seed)
         # Built on the CPU, then moved: the initial weights depend only on the seed, not on
         # the device, so a CPU and a GPU run start from the same point.
         self.model = build_model(args.model, in_shape=self.train_set.in_shape,
-                                 num_classes=self.train_set.num_classes).to(self.device)
+                                 num_classes=self.train_set.num_classes,
+                                 **self._model_options()).to(self.device)
         # Same seed on every rank gives the same initialisation; broadcast to be certain.
         comm.broadcast_tensors_(list(self.model.parameters()) + list(self.model.buffers()))
         self.lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
@@ -238,6 +260,19 @@ class Trainer:
         self._checkpointed_step = -1
 
     # ---- set-up -------------------------------------------------------------------------
+    def _model_options(self) -> dict[str, int]:
+        a = self.args
+        options = {}
+        if a.width is not None:
+            if a.model not in ("resnet18", "transformer"):
+                raise UsageError(f"--width applies to resnet18 and transformer, not {a.model}")
+            options["width"] = a.width
+        if a.depth is not None:
+            if a.model != "transformer":
+                raise UsageError(f"--depth applies to the transformer, not {a.model}")
+            options["depth"] = a.depth
+        return options
+
     def _load(self, split: str) -> DatasetSplit:
         return load_dataset(self.args.dataset, split=split,  # type: ignore[arg-type]
                             root=self.args.data_root, seed=self.args.seed,
@@ -252,7 +287,9 @@ class Trainer:
                 update_freq=a.update_freq, beta_param=a.beta_param, beta_grad=a.beta_grad,
                 damping=a.damping, sigma_low=a.sigma_low, sigma_high=a.sigma_high,
                 curvature_eps=a.curvature_eps, clip=a.clip, kl_clip=a.kl_clip,
-                momentum=a.momentum, nesterov=a.nesterov, comm=self.comm,
+                momentum=a.momentum, nesterov=a.nesterov, pair_momentum=a.pair_momentum,
+                precondition=a.precondition, curvature_shift=a.curvature_shift, h0=a.h0,
+                h0_beta=a.h0_beta, h0_eps=a.h0_eps, pair_snr=a.pair_snr, comm=self.comm,
                 grad_backend=a.grad_backend)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.reducer = self.comm.gradient_reducer(named, backend=a.grad_backend)
@@ -268,14 +305,26 @@ class Trainer:
 
     def _build_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler | None:
         a = self.args
+        sched = torch.optim.lr_scheduler
+        warmup = a.warmup_steps
+        if warmup < 0 or warmup >= self.total_steps:
+            raise UsageError(f"--warmup-steps must be in [0, {self.total_steps}) (the run's "
+                             f"steps), got {warmup}")
+        main: sched.LRScheduler | None = None
         if a.schedule == "cosine":
-            return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer,
-                                                              T_max=self.total_steps)
-        if a.schedule == "step":
-            step_size = a.step_size or max(1, self.total_steps // 3)
-            return torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=step_size,
-                                                   gamma=a.gamma)
-        return None
+            main = sched.CosineAnnealingLR(self.optimizer, T_max=self.total_steps - warmup)
+        elif a.schedule == "step":
+            step_size = a.step_size or max(1, (self.total_steps - warmup) // 3)
+            main = sched.StepLR(self.optimizer, step_size=step_size, gamma=a.gamma)
+        if not warmup:
+            return main
+        # Linear warm-up from lr/warmup to lr over the first steps, then the main schedule
+        # over the rest (large global batches need it: Goyal et al. 2017).
+        ramp = sched.LinearLR(self.optimizer, start_factor=1.0 / warmup, end_factor=1.0,
+                              total_iters=warmup)
+        if main is None:
+            return ramp
+        return sched.SequentialLR(self.optimizer, schedulers=[ramp, main], milestones=[warmup])
 
     def _run_config(self) -> dict[str, Any]:
         return {**vars(self.args), "world_size": self.comm.size,
@@ -333,7 +382,7 @@ class Trainer:
             epoch, batch_index = divmod(self.step, steps_per_epoch)
             idx = self.sampler.local_indices(epoch, batch_index).to(self.device)
             global_len = self.sampler.global_batch_len(batch_index)
-            loss_sum, correct = self._train_step(idx, global_len)
+            loss_sum, correct = self._train_step(idx, global_len * self.targets_per_sample)
             self.step += 1
             if self.scheduler is not None:
                 self.scheduler.step()
@@ -346,7 +395,8 @@ class Trainer:
                            now - self.process_start >= a.stop_after)
             # One collective per step: metrics, the stop flag and rank 0's clock decisions.
             gathered = comm.allgather_scalars(
-                [loss_sum, correct, float(len(idx)), float(stop.requested or out_of_time),
+                [loss_sum, correct, float(len(idx) * self.targets_per_sample),
+                 float(stop.requested or out_of_time),
                  float(time_due)])
             totals = gathered.sum(axis=0)
             for j in range(3):
@@ -388,14 +438,17 @@ class Trainer:
                         "training", self.step, 100 * test_acc, test_loss, self._elapsed())
         return EXIT_OK
 
-    def _train_step(self, idx: torch.Tensor, global_len: int) -> tuple[float, float]:
-        x, y = self.train_set.x[idx], self.train_set.y[idx]
-        scale = self.comm.size / global_len
+    def _train_step(self, idx: torch.Tensor, global_targets: int) -> tuple[float, float]:
+        """One optimizer step on this rank's samples ``idx``; ``global_targets`` loss terms
+        (samples × targets per sample) make up the global batch. Returns this rank's loss
+        sum and number of correct predictions."""
+        x, y = self.train_set.x[idx], self.train_set.y[idx].reshape(-1)
+        scale = self.comm.size / global_targets
 
         def closure() -> torch.Tensor:
             self.optimizer.zero_grad(set_to_none=False)
             with torch.enable_grad():
-                out = self.model(x)
+                out = _flat_logits(self.model(x))
                 loss_sum = F.cross_entropy(out, y, reduction="sum")
                 (loss_sum * scale).backward()
             if self.reducer is not None:
@@ -422,13 +475,13 @@ class Trainer:
         loss_sum = correct = 0.0
         for start in range(lo, hi, 1024):
             stop = min(hi, start + 1024)
-            out = self.model(self.test_set.x[start:stop])
-            y = self.test_set.y[start:stop]
+            out = _flat_logits(self.model(self.test_set.x[start:stop]))
+            y = self.test_set.y[start:stop].reshape(-1)
             loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
             correct += float((out.argmax(1) == y).sum())
         totals = self.comm.allgather_scalars([loss_sum, correct]).sum(axis=0)
         self.model.train(was_training)
-        n = len(self.test_set)
+        n = len(self.test_set) * self.targets_per_sample
         return float(totals[0]) / n, float(totals[1]) / n
 
     def _checkpoint(self, *, final: bool = False) -> None:
@@ -449,7 +502,8 @@ class Trainer:
 
     def _counters(self) -> dict[str, Any]:
         if isinstance(self.optimizer, MLBFGS):
-            return {k: v for k, v in self.optimizer.counters.items() if k != "step"}
+            return {**{k: v for k, v in self.optimizer.counters.items() if k != "step"},
+                    **self.optimizer.diagnostics}
         return {}
 
     def _progress_bar(self) -> Any:
@@ -492,6 +546,12 @@ class Trainer:
                 "test_loss": test_loss, "test_accuracy": test_acc, "time": self._elapsed()})
             logger.info("step %d (epoch %d): test accuracy %.2f%%, loss %.4f",
                         self.step, epoch + 1, 100 * test_acc, test_loss)
+
+
+def _flat_logits(out: torch.Tensor) -> torch.Tensor:
+    """Logits as ``(targets, classes)``: a sequence model's ``(N, L, V)`` becomes
+    ``(N·L, V)``, matching its targets flattened to ``(N·L,)``."""
+    return out.flatten(0, -2) if out.dim() > 2 else out
 
 
 if __name__ == "__main__":  # pragma: no cover

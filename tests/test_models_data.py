@@ -22,7 +22,11 @@ from mlbfgs_hpc.data import (
     load_dataset,
     shard_bounds,
 )
-from mlbfgs_hpc.models import MODEL_NAMES, build_model, count_parameters
+from mlbfgs_hpc import text
+from mlbfgs_hpc.blocks import build_blocks
+from mlbfgs_hpc.models import MODEL_NAMES, SEQUENCE_MODELS, build_model, count_parameters
+
+IMAGE_MODELS = [name for name in MODEL_NAMES if name not in SEQUENCE_MODELS]
 
 FASHION_PRESENT = os.path.isfile(os.path.join(FASHION_MNIST_ROOT, "train-images-idx3-ubyte.gz"))
 needs_fashion = pytest.mark.skipif(
@@ -274,10 +278,11 @@ _SMALL_OPTIONS: dict[str, dict[str, object]] = {
     "mlp": {},
     "cnn": {},
     "resnet18": {"width": 4},
+    "transformer": {"width": 16, "depth": 2},
 }
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", IMAGE_MODELS)
 @pytest.mark.parametrize("in_shape", [(1, 8, 8), (3, 16, 16)])
 def test_model_forward_backward(name: str, in_shape: tuple[int, int, int]) -> None:
     torch.manual_seed(0)
@@ -294,9 +299,11 @@ def test_model_forward_backward(name: str, in_shape: tuple[int, int, int]) -> No
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_model_init_is_deterministic_given_the_seed(name: str) -> None:
+    in_shape = (16,) if name in SEQUENCE_MODELS else (1, 8, 8)
+
     def weights(seed: int) -> list[torch.Tensor]:
         torch.manual_seed(seed)
-        model = build_model(name, in_shape=(1, 8, 8), num_classes=10, **_SMALL_OPTIONS[name])
+        model = build_model(name, in_shape=in_shape, num_classes=10, **_SMALL_OPTIONS[name])
         return [p.detach().clone() for p in model.parameters()]
 
     first, second, other = weights(1), weights(1), weights(2)
@@ -314,6 +321,78 @@ def test_parameter_counts() -> None:
     assert count_parameters(custom) == 64 * 5 + 5 + 5 * 3 + 3
     cnn = build_model("cnn", in_shape=(1, 28, 28), num_classes=10)
     assert count_parameters(cnn) == 421_642
+    lm = build_model("transformer", in_shape=(64,), num_classes=128)
+    assert count_parameters(lm) == 220_672 and len(build_blocks(lm)) == 28
+
+
+def test_transformer_is_causal_and_predicts_every_position() -> None:
+    torch.manual_seed(0)
+    model = build_model("transformer", in_shape=(12,), num_classes=20, **_SMALL_OPTIONS[
+        "transformer"]).eval()
+    x = torch.randint(0, 20, (3, 12))
+    logits = model(x)
+    assert logits.shape == (3, 12, 20) and logits.dtype == torch.float32
+    changed = x.clone()
+    changed[:, 7] = (changed[:, 7] + 1) % 20
+    after = model(changed)
+    # Positions before 7 cannot see token 7; position 7 and later do.
+    torch.testing.assert_close(after[:, :7], logits[:, :7], rtol=0, atol=1e-6)
+    assert not torch.allclose(after[:, 7:], logits[:, 7:])
+    # Shorter inputs than the context work (positions are cut).
+    assert model(x[:, :5]).shape == (3, 5, 20)
+    F.cross_entropy(model.train()(x).flatten(0, 1), x.flatten()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_transformer_rejects_image_shapes() -> None:
+    with pytest.raises(ValueError, match="context_length"):
+        build_model("transformer", in_shape=(1, 8, 8), num_classes=10)
+    with pytest.raises(ValueError, match="divisible"):
+        build_model("transformer", in_shape=(8,), num_classes=10, width=10, heads=4)
+
+
+# ------------------------------------------------------------------------ python-stdlib text
+
+def test_python_stdlib_windows_are_next_characters() -> None:
+    train = load_dataset("python-stdlib", split="train")
+    test = load_dataset("python-stdlib", split="test")
+    for split in (train, test):
+        assert split.is_sequence and split.x.dtype == torch.int64
+        assert split.in_shape == (text.DEFAULT_CONTEXT,) and split.num_classes == 128
+        assert split.targets_per_sample == text.DEFAULT_CONTEXT
+        assert int(split.x.min()) >= 0 and int(split.x.max()) < 128
+        # y is x shifted by one character, across window boundaries too.
+        assert torch.equal(split.y[:, :-1], split.x[:, 1:])
+        assert torch.equal(split.y[:-1, -1], split.x[1:, 0])
+    # Real text, a few MB of it: roughly 9:1 by file.
+    assert len(train) > 40_000 and 0.05 < len(test) / len(train) < 0.25
+    again = load_dataset("python-stdlib", split="train")
+    assert torch.equal(again.x, train.x) and again.x is not train.x
+
+
+def test_python_stdlib_splits_by_file(tmp_path: Path) -> None:
+    names = [f"mod{i:02d}.py" for i in range(40)]
+    for i, name in enumerate(names):
+        (tmp_path / name).write_text(f"# {name}\n" + f"x_{i} = {i}\n" * 30)
+    (tmp_path / "notes.txt").write_text("not python")
+    test_files = [n for n in names if text.is_test_file(n)]
+    assert 0 < len(test_files) < len(names)
+    x_train, _ = text.load_windows("train", root=str(tmp_path), context=8)
+    x_test, _ = text.load_windows("test", root=str(tmp_path), context=8)
+    decode = (lambda x: bytes(x.reshape(-1).tolist()).decode())
+    train_text, test_text = decode(x_train), decode(x_test)
+    for name in names:   # every file's header lands on exactly one side
+        assert (f"# {name}" in test_text) == (name in test_files)
+        assert (f"# {name}" in train_text) == (name not in test_files)
+    assert "not python" not in train_text + test_text
+
+
+def test_python_stdlib_errors_name_the_directory(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        load_dataset("python-stdlib", split="train", root=str(tmp_path))
+    (tmp_path / "a.py").write_text("x")
+    with pytest.raises(ValueError, match="context"):
+        text.load_windows("train", root=str(tmp_path), context=0)
 
 
 def test_cnn_optional_pool_bounds_the_classifier() -> None:
@@ -323,7 +402,7 @@ def test_cnn_optional_pool_bounds_the_classifier() -> None:
 
 
 def test_build_model_rejects_bad_arguments() -> None:
-    with pytest.raises(ValueError, match="mlp.*cnn.*resnet18"):
+    with pytest.raises(ValueError, match="mlp.*cnn.*resnet18.*transformer"):
         build_model("vgg16", in_shape=(1, 8, 8), num_classes=10)
     with pytest.raises(ValueError, match="width"):
         build_model("mlp", in_shape=(1, 8, 8), num_classes=10, width=8)

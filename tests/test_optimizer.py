@@ -160,9 +160,12 @@ class DenseReference:
                     self._offer(b, self.mp[sl] - self.pp[sl], self.mg[sl] - self.pg[sl])
             self.pp, self.pg = self.mp.copy(), self.mg.copy()
         d = g.copy()
+        self.cosines = []
         for b, sl in enumerate(self.slices):
             if self.history[b]:
                 d[sl] = self._dense_h(b) @ g[sl]
+                self.cosines.append(float(g[sl] @ d[sl]) / float(
+                    np.linalg.norm(g[sl]) * np.linalg.norm(d[sl])))
         self.nu = 1.0
         if any(self.history):
             gd = float(g @ d)
@@ -172,6 +175,10 @@ class DenseReference:
             elif self.clip == "kl":
                 self.nu = min(1.0, math.sqrt(self.kappa / gd))
                 d = self.nu * d
+            elif self.clip == "graft":  # each curved block's H·g at its gradient's norm
+                for b, sl in enumerate(self.slices):
+                    if self.history[b]:
+                        d[sl] *= np.linalg.norm(g[sl]) / np.linalg.norm(d[sl])
         self.last_direction = d
         if self.mom == 0:
             v = d
@@ -208,6 +215,21 @@ class DenseReference:
             v = np.eye(n) - rho * np.outer(y, s)
             h = v.T @ h @ v + rho * np.outer(s, s)
         return h
+
+
+def run_in_lockstep(problem: Quadratic, params: list[nn.Parameter], opt: MLBFGS,
+                    ref: DenseReference, *, steps: int, check: Callable[[int], None]) -> None:
+    """Step the optimizer and the reference on the same gradients; parameters must agree
+    after every step, then ``check(step)`` compares whatever else the test is about."""
+    theta = problem.theta0.copy()
+    for k in range(steps):
+        g = problem.grad(theta, k)
+        set_grads(params, g)
+        opt.step()
+        theta = ref.step(theta, g)
+        np.testing.assert_allclose(flat(params), theta, rtol=1e-8, atol=1e-10,
+                                   err_msg=f"after step {k + 1}")
+        check(k)
 
 
 # ---- textbook L-BFGS ------------------------------------------------------------------------
@@ -271,23 +293,53 @@ def test_follows_dense_reference_with_all_features(nesterov: bool) -> None:
     ref = DenseReference(slices=problem.slices(), lr=lr, wd=wd, m=3, T=3, beta_param=0.9,
                          beta_grad=0.9, damping=0.2, sigma_low=0.01, sigma_high=1.5, eps=1e-8,
                          clip="kl", kappa=0.005, momentum=0.9, nesterov=nesterov)
-    theta = problem.theta0.copy()
     clipped = 0
-    for k in range(45):
-        g = problem.grad(theta, k)
-        set_grads(params, g)
-        opt.step()
-        theta = ref.step(theta, g)
-        np.testing.assert_allclose(flat(params), theta, rtol=1e-8, atol=1e-10,
-                                   err_msg=f"after step {k + 1}")
+
+    def check(_: int) -> None:
+        nonlocal clipped
         c = opt.counters
         assert (c["accepted_pairs"], c["rejected_pairs"], c["sgd_fallbacks"]) == (
             ref.accepted, ref.rejected, ref.fallbacks)
         assert c["last_nu"] == pytest.approx(ref.nu, rel=1e-8)
         clipped += ref.nu < 1.0
+
+    run_in_lockstep(problem, params, opt, ref, steps=45, check=check)
     # The run exercised what it claims to: pairs in every block, wrapped rings, the guard.
     assert ref.accepted == 3 * (45 // 3 - 1) and all(len(h) == 3 for h in ref.history)
     assert clipped > 0
+
+
+def test_follows_dense_reference_with_grafting() -> None:
+    """Per-block grafting: each block's H·g rescaled to its own gradient's norm; the
+    diagnostics report the cosines of the un-grafted directions."""
+    sizes = [9, 5, 6]
+    problem = Quadratic(sizes, low=0.002, high=3.0, seed=5, noise=0.3)
+    params = problem.params()
+    kw: dict[str, Any] = {"history_size": 3, "update_freq": 3, "damping": 0.05,
+                          "clip": "graft", "momentum": 0.9}
+    opt = MLBFGS(params, lr=0.05, weight_decay=0.01, **kw)
+    ref = DenseReference(slices=problem.slices(), lr=np.full(20, 0.05), wd=np.full(20, 0.01),
+                         m=3, T=3, beta_param=0.9, beta_grad=0.9, damping=0.05,
+                         sigma_low=0.01, sigma_high=1.5, eps=1e-8, clip="graft", kappa=0.0,
+                         momentum=0.9, nesterov=False)
+    bent = 0
+
+    def check(_: int) -> None:
+        nonlocal bent
+        diag = opt.diagnostics
+        if ref.cosines:
+            assert diag["cos_mean"] == pytest.approx(np.mean(ref.cosines), rel=1e-9)
+            assert diag["cos_min"] == pytest.approx(min(ref.cosines), rel=1e-9)
+            # Grafted: the applied direction has exactly the gradient's norm.
+            assert diag["step_scale"] == pytest.approx(1.0, rel=1e-12)
+            assert opt.counters["last_nu"] == 1.0
+            bent += min(ref.cosines) < 0.9
+        else:
+            assert math.isnan(diag["cos_mean"]) and math.isnan(diag["hg_ratio"])
+
+    run_in_lockstep(problem, params, opt, ref, steps=45, check=check)
+    # The curvature really bent the directions (else grafting would be a no-op test).
+    assert bent > 10 and ref.accepted == 3 * (45 // 3 - 1)
 
 
 def test_damping_changes_the_trajectory_like_the_reference() -> None:
@@ -689,7 +741,7 @@ def test_good_curvature_is_not_a_fallback() -> None:
 
 def test_kl_guard_value() -> None:
     p = nn.Parameter(torch.zeros(4, dtype=F64))
-    opt = MLBFGS([p], lr=1.0, momentum=0.0, update_freq=1000, kl_clip=0.01)
+    opt = MLBFGS([p], lr=1.0, momentum=0.0, update_freq=1000, clip="kl", kl_clip=0.01)
     e1 = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=F64)
     _install_pair(opt, e1, 2 * e1, rho=0.5, gamma=0.5)      # H = ½ I, gᵀd = ½‖g‖²
     g = torch.tensor([0.5, -1.0, 2.0, 0.25], dtype=F64)
