@@ -17,6 +17,8 @@ CLIP_MODES: tuple[str, ...] = ("graft", "graft-global", "graft-rms", "kl", "none
 Precondition = Literal["grad", "grad_ema"]
 PRECONDITION_MODES: tuple[str, ...] = ("grad", "grad_ema")
 InitialHessian = Literal["scalar", "rmsprop"]
+GammaMode = Literal["yy", "ss", "denoised"]
+GAMMA_MODES: tuple[str, ...] = ("yy", "ss", "denoised")
 H0_MODES: tuple[str, ...] = ("scalar", "rmsprop")
 
 
@@ -52,6 +54,8 @@ class MLBFGSConfig:
         h0_eps: ε of ``h0="rmsprop"``.
         pair_snr: reject a pair whose sᵀy is below this many standard deviations of its
             gradient noise (estimated from a per-coordinate EMA of (g − Mg)²); 0: off.
+        gamma_mode: γ of H0 = γI from the newest pair: ``"yy"`` sᵀŷ/ŷᵀŷ, ``"ss"``
+            sᵀs/sᵀŷ, ``"denoised"`` sᵀŷ/(ŷᵀŷ − the gradient noise's expected share of it).
     """
 
     history_size: int = 10
@@ -73,6 +77,7 @@ class MLBFGSConfig:
     h0_beta: float = 0.999
     h0_eps: float = 1e-8
     pair_snr: float = 0.0
+    gamma_mode: GammaMode = "yy"
 
     def __post_init__(self) -> None:
         _require(_integer(self.history_size) and self.history_size >= 1,
@@ -104,6 +109,8 @@ class MLBFGSConfig:
         _require(_finite(self.curvature_shift) and self.curvature_shift >= 0.0,
                  "curvature_shift", "a finite number >= 0", self.curvature_shift)
         _require(self.h0 in H0_MODES, "h0", f"one of {H0_MODES}", self.h0)
+        _require(self.gamma_mode in GAMMA_MODES, "gamma_mode", f"one of {GAMMA_MODES}",
+                 self.gamma_mode)
         _require(_finite(self.pair_snr) and self.pair_snr >= 0.0, "pair_snr",
                  "a finite number >= 0", self.pair_snr)
         _require(_finite(self.h0_eps) and self.h0_eps > 0.0, "h0_eps", "a finite number > 0",

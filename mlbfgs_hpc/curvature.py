@@ -95,6 +95,24 @@ def damp_pair_(s: torch.Tensor, y: torch.Tensor, *, config: MLBFGSConfig) -> Dam
                       yhat_dot_yhat=float(torch.dot(y, y)))
 
 
+def initial_scale(pair: DampedPair, *, mode: str, noise_energy: float = 0.0) -> float:
+    """γ of H0 = γI from the newest (damped) pair.
+
+    ``"yy"``: sᵀŷ/ŷᵀŷ (the usual choice, Nocedal & Wright (7.20)); ``"ss"``: sᵀs/sᵀŷ (the
+    other Barzilai–Borwein step, the inverse Rayleigh quotient along s); ``"denoised"``:
+    sᵀŷ/(ŷᵀŷ − τ²·noise_energy), floored at the ``"ss"`` value's denominator so it never
+    exceeds sᵀs/sᵀŷ: gradient noise in y inflates ŷᵀŷ in every direction, which biases the
+    ``"yy"`` γ low as the signal shrinks.
+    """
+    if mode == "ss":
+        return pair.s_dot_s / pair.s_dot_yhat
+    if mode == "denoised":
+        parallel = pair.s_dot_yhat ** 2 / pair.s_dot_s   # ŷ's energy along s: a lower bound
+        signal = max(pair.yhat_dot_yhat - pair.tau ** 2 * noise_energy, parallel)
+        return pair.s_dot_yhat / signal
+    return pair.s_dot_yhat / pair.yhat_dot_yhat
+
+
 def compact_middle_matrix(sty: torch.Tensor, yty: torch.Tensor, rho: torch.Tensor,
                           order: Sequence[int], gamma: float) -> torch.Tensor:
     """The middle matrix ``W`` of the compact form, in ring *storage* order (float64, CPU).
@@ -220,8 +238,12 @@ class BlockCurvature:
         self._order = [(head - 1 - k) % m for k in range(count)]
 
     # ---- pairs --------------------------------------------------------------------------
-    def offer_pair(self, s: torch.Tensor, y: torch.Tensor, *, config: MLBFGSConfig) -> bool:
-        """Damp ``(s, y)`` (``y`` is overwritten with ŷ) and push it if it passes the test."""
+    def offer_pair(self, s: torch.Tensor, y: torch.Tensor, *, config: MLBFGSConfig,
+                   noise_energy: float = 0.0) -> bool:
+        """Damp ``(s, y)`` (``y`` is overwritten with ŷ) and push it if it passes the test.
+
+        ``noise_energy``: expected ‖y's gradient noise‖² (``gamma_mode="denoised"`` only).
+        """
         pair = damp_pair_(s, y, config=config)
         self.last_tau = pair.tau
         if not pair.accepted(config.curvature_eps):
@@ -231,7 +253,8 @@ class BlockCurvature:
         self._s_rows[slot].copy_(s)
         self._y_rows[slot].copy_(y)
         self.rho[slot] = 1.0 / pair.s_dot_yhat
-        self.gamma.fill_(pair.s_dot_yhat / pair.yhat_dot_yhat)
+        self.gamma.fill_(initial_scale(pair, mode=config.gamma_mode,
+                                       noise_energy=noise_energy))
         self.head.fill_((slot + 1) % self.history_size)
         self.count.fill_(min(int(self.count) + 1, self.history_size))
         self.accepted += 1

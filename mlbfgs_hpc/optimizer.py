@@ -79,7 +79,8 @@ class MLBFGS(torch.optim.Optimizer):
         kl_clip: κ of the ``"kl"`` guard, ν = min(1, sqrt(κ/gᵀd)).
         momentum: outer heavy-ball momentum.
         nesterov: Nesterov variant of the outer momentum.
-        pair_momentum, precondition, curvature_shift, h0, h0_beta, h0_eps, pair_snr: see
+        pair_momentum, precondition, curvature_shift, h0, h0_beta, h0_eps, pair_snr,
+            gamma_mode: see
             :class:`~mlbfgs_hpc.config.MLBFGSConfig`.
         comm: communicator from :func:`~mlbfgs_hpc.comm.init_communicator`; ``None`` for a
             single process.
@@ -119,6 +120,7 @@ class MLBFGS(torch.optim.Optimizer):
         h0_beta: float = 0.999,
         h0_eps: float = 1e-8,
         pair_snr: float = 0.0,
+        gamma_mode: str = "yy",
         comm: LocalCommunicator | None = None,
         grad_backend: GradBackend | None = "horovod",
     ) -> None:
@@ -129,7 +131,8 @@ class MLBFGS(torch.optim.Optimizer):
             curvature_eps=curvature_eps, clip=clip, kl_clip=kl_clip,  # type: ignore[arg-type]
             momentum=momentum, nesterov=nesterov, pair_momentum=pair_momentum,
             precondition=precondition, curvature_shift=curvature_shift,  # type: ignore[arg-type]
-            h0=h0, h0_beta=h0_beta, h0_eps=h0_eps, pair_snr=pair_snr)  # type: ignore[arg-type]
+            h0=h0, h0_beta=h0_beta, h0_eps=h0_eps, pair_snr=pair_snr,  # type: ignore[arg-type]
+            gamma_mode=gamma_mode)  # type: ignore[arg-type]
         if grad_backend is not None and grad_backend not in GRAD_BACKENDS:
             raise ValueError(
                 f"grad_backend must be one of {GRAD_BACKENDS} or None, got {grad_backend!r}")
@@ -243,7 +246,8 @@ class MLBFGS(torch.optim.Optimizer):
         uses_v = cfg.h0 == "rmsprop" or cfg.clip == "graft-rms"
         self._sq_grad = torch.zeros(n if uses_v else 0, **kw)
         self._rms_step = torch.zeros(n if cfg.clip == "graft-rms" else 0, **kw)
-        self._grad_var = torch.zeros(n if cfg.pair_snr else 0, **kw)
+        noise_aware = cfg.pair_snr or cfg.gamma_mode == "denoised"
+        self._grad_var = torch.zeros(n if noise_aware else 0, **kw)
         self._h0_source = torch.zeros(n if cfg.h0 == "rmsprop" else 0, **kw)
         if cfg.h0 == "rmsprop":
             for b, sl in self._block_slices.items():
@@ -472,15 +476,18 @@ class MLBFGS(torch.optim.Optimizer):
             torch.sub(state["m_param"][sl], state["snap_param"][sl], out=s)
             torch.sub(state["m_grad"][sl], state["snap_grad"][sl], out=y)
             curvature = self._curvature[b]
-            if cfg.pair_snr:
+            noise_energy = 0.0
+            if self._grad_var.numel():
                 # y = difference of two EMAs of the gradient T steps apart: its noise has
                 # variance c·σ² per coordinate, c = 2(1 − β^T)(1 − β)/(1 + β).
                 beta = cfg.beta_grad
                 c = 2.0 * (1.0 - beta ** cfg.update_freq) * (1.0 - beta) / (1.0 + beta)
-                noise_var = c * float(torch.dot(s * s, self._grad_var[sl]))
+                var = self._grad_var[sl]
+                noise_energy = c * float(var.sum())
+                noise_var = c * float(torch.dot(s * s, var))
                 snr = float(torch.dot(s, y)) / math.sqrt(noise_var) if noise_var > 0 else math.inf
                 curvature.last_snr = snr
-                if snr < cfg.pair_snr:
+                if cfg.pair_snr and snr < cfg.pair_snr:
                     curvature.rejected += 1
                     curvature.refresh_diagonal()
                     continue
@@ -496,7 +503,7 @@ class MLBFGS(torch.optim.Optimizer):
                 y.copy_(smooth_y)
             if cfg.curvature_shift:
                 y.add_(s, alpha=cfg.curvature_shift)
-            if not curvature.offer_pair(s, y, config=cfg):
+            if not curvature.offer_pair(s, y, config=cfg, noise_energy=noise_energy):
                 curvature.refresh_diagonal()
 
     def _graft_blocks(self, stats: _BlockStats) -> None:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from .blocks import build_blocks
 from .comm import GRAD_BACKENDS, GradientReducer, LocalCommunicator, init_communicator
-from .config import CLIP_MODES, H0_MODES, PRECONDITION_MODES, MLBFGSConfig
+from .config import CLIP_MODES, GAMMA_MODES, H0_MODES, PRECONDITION_MODES, MLBFGSConfig
 from .data import DATASET_NAMES, DatasetSplit, GlobalBatchSampler, load_dataset, shard_bounds
 from .models import MODEL_NAMES, SEQUENCE_MODELS, build_model
 from .optimizer import MLBFGS
@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--h0-beta", type=float, default=_DEFAULTS.h0_beta)
     a("--h0-eps", type=float, default=_DEFAULTS.h0_eps)
     a("--pair-snr", type=float, default=_DEFAULTS.pair_snr)
+    a("--gamma-mode", choices=GAMMA_MODES, default=_DEFAULTS.gamma_mode)
     a("--block-size", type=int, default=None,
       help="parameters per curvature block (default: one layer per block)")
     a("--seed", type=int, default=0)
@@ -289,7 +290,8 @@ class Trainer:
                 curvature_eps=a.curvature_eps, clip=a.clip, kl_clip=a.kl_clip,
                 momentum=a.momentum, nesterov=a.nesterov, pair_momentum=a.pair_momentum,
                 precondition=a.precondition, curvature_shift=a.curvature_shift, h0=a.h0,
-                h0_beta=a.h0_beta, h0_eps=a.h0_eps, pair_snr=a.pair_snr, comm=self.comm,
+                h0_beta=a.h0_beta, h0_eps=a.h0_eps, pair_snr=a.pair_snr,
+                gamma_mode=a.gamma_mode, comm=self.comm,
                 grad_backend=a.grad_backend)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.reducer = self.comm.gradient_reducer(named, backend=a.grad_backend)

@@ -1,12 +1,14 @@
 """Variant sweeps for the optimizer research: named flag sets × seeds, two runs side by side.
 
-Every run goes through the benchmark driver (``bench_driver.BenchTrainer``: the real training
-driver, eval time excluded from the clock, no checkpoints, stop on a non-finite loss), one torch
-thread per run. Results are appended, one JSON object per run, to ``OUT/results.jsonl`` so
-sweeps accumulate; ``--report`` prints a table per task from that file.
+Every run goes through the benchmark driver (``BenchTrainer``: the real training driver,
+eval time excluded from the clock, no checkpoints, stop on a non-finite loss), one torch
+thread per run. Each run lives in ``OUT/runs/<variant>_s<seed>/`` (its ``spec.json`` and the
+driver's ``metrics.jsonl``); a run that already finished is not run again, so a sweep can be
+stopped and restarted, or extended with more seeds and variants. ``--report`` prints a table
+from whatever finished.
 
     python tools/sweep.py --out sweeps/graft --seeds 0 1 2 3 4 \\
-        --variant 'kl=--optimizer mlbfgs --clip kl' --variant 'graft=--clip graft' \\
+        --variant 'kl=--clip kl' --variant 'graft=--clip graft' \\
         --common '--epochs 2 --eval-every 117'
     python tools/sweep.py --out sweeps/graft --report
 """
@@ -49,56 +51,89 @@ def _spec(name: str, flags: list[str], seed: int, out: Path, stop_at: int | None
                 "extra": extra}}
 
 
+def _records(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _finished(run_dir: Path) -> bool:
+    """The run ended (to the last step, or stopped on a non-finite loss): ``done.json``."""
+    return (run_dir / "done.json").is_file()
+
+
 def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     common = shlex.split(args.common)
     specs = []
     for seed in args.seeds:   # seeds outermost: each variant sees the same machine drift
         for item in args.variant:
             name, _, flags = item.partition("=")
-            specs.append(_spec(name, common + shlex.split(flags), seed, out, args.stop_at))
-    results = run_many(specs, jobs=args.jobs)
-    with open(out / "results.jsonl", "a", encoding="utf-8") as handle:
-        for spec, r in zip(specs, results):
-            handle.write(json.dumps({
-                "variant": spec["phase"], "task": spec["task"], "seed": r.seed, "lr": r.lr,
-                "flags": spec["args"]["extra"], "error": r.error,
-                "evals": [[e["step"], e["test_accuracy"], e["test_loss"]] for e in r.evals],
-                "train_seconds": (r.summary.get("train_seconds") if r.summary else None),
-                "last_train": r.train[-1] if r.train else None,
-                "summary": r.summary}) + "\n")
+            spec = _spec(name, common + shlex.split(flags), seed, out, args.stop_at)
+            run_dir = Path(spec["args"]["run_dir"])
+            if _finished(run_dir):
+                continue
+            if run_dir.exists():  # an interrupted run: start it again from scratch
+                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "spec.json").write_text(json.dumps(
+                {"variant": name, "seed": seed, "flags": common + shlex.split(flags),
+                 "task": spec["task"], "lr": spec["args"]["lr"]}), encoding="utf-8")
+            specs.append(spec)
+    logger.info("%d runs to do", len(specs))
+    for spec, result in zip(specs, run_many(specs, jobs=args.jobs)):
+        (Path(spec["args"]["run_dir"]) / "done.json").write_text(json.dumps(
+            {"error": result.error, "wall_seconds": result.wall_seconds}), encoding="utf-8")
     report(out)
 
 
 def _fmt(values: list[float], digits: int = 2) -> str:
     finite = [v for v in values if math.isfinite(v)]
-    if not finite:
-        return "–"
-    return f"{statistics.median(finite):.{digits}f}"
+    return f"{statistics.median(finite):.{digits}f}" if finite else "–"
 
 
-def report(out: Path, targets: tuple[float, ...] = (0.88, 0.89, 0.90)) -> None:
+def collect(out: Path) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Finished runs by (task, variant), each with its spec, evals and summary."""
     rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for line in (out / "results.jsonl").read_text(encoding="utf-8").splitlines():
-        r = json.loads(line)
-        rows.setdefault((r["task"], r["variant"]), []).append(r)
-    head = ("| task | variant | seeds | " + " | ".join(f"step ≥{t:.0%}" for t in targets)
-            + " | final % | best % | best − final | per-seed final |")
+    for spec_path in sorted((out / "runs").glob("*/spec.json")):
+        spec = json.loads(spec_path.read_text(encoding="utf-8"))
+        if not _finished(spec_path.parent):
+            continue
+        records = _records(spec_path.parent)
+        summary = next((r for r in records if r["event"] == "summary"), None)
+        evals = [r for r in records if r["event"] == "eval"]
+        rows.setdefault((spec["task"], spec["variant"]), []).append(
+            {**spec, "evals": evals, "summary": summary, "diverged": summary is None})
+    for runs in rows.values():
+        runs.sort(key=lambda r: r["seed"])
+    return rows
+
+
+def report(out: Path, targets: tuple[float, ...] = (0.88, 0.89, 0.90),
+           metric: str = "test_accuracy") -> None:
+    higher = metric == "test_accuracy"
+    scale = 100.0 if higher else 1.0
+    head = ("| task | variant | seeds | " + " | ".join(
+        f"step {'≥' if higher else '≤'}{t:g}" for t in targets)
+            + " | final | best | worst best−final | per-seed final |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
-    for (task, variant), runs in rows.items():
+    for (task, variant), runs in collect(out).items():
         cells = []
         for t in targets:
-            steps = [next((e[0] for e in r["evals"] if e[1] >= t), math.inf) for r in runs]
+            steps = [next((e["step"] for e in r["evals"]
+                           if (e[metric] >= t if higher else e[metric] <= t)), math.inf)
+                     for r in runs]
             cells.append("/".join("–" if math.isinf(s) else str(s) for s in steps))
-        finals = [r["evals"][-1][1] * 100 if r["evals"] and not r["error"] else 0.0
-                  for r in runs]
-        bests = [max(e[1] for e in r["evals"]) * 100 if r["evals"] else 0.0 for r in runs]
-        drops = [b - f for b, f in zip(bests, finals)]
-        print(f"| {task} | {variant} | {len(runs)} | " + " | ".join(cells)
-              + f" | {_fmt(finals)} | {_fmt(bests)} | {max(drops):.2f} (max) | "
-              + "/".join(f"{f:.2f}" for f in finals) + " |")
+        finals = [r["evals"][-1][metric] * scale if r["evals"] and not r["diverged"]
+                  else (0.0 if higher else math.inf) for r in runs]
+        values = [[e[metric] * scale for e in r["evals"]] for r in runs]
+        bests = [(max(v) if higher else min(v)) if v else math.nan for v in values]
+        drops = [abs(b - f) for b, f in zip(bests, finals)]
+        print(f"| {task} | {variant} | {'/'.join(str(r['seed']) for r in runs)} | "
+              + " | ".join(cells) + f" | {_fmt(finals)} | {_fmt(bests)} | "
+              + f"{max(drops):.2f} | " + "/".join(f"{f:.2f}" for f in finals) + " |")
 
 
 def main() -> None:
@@ -114,9 +149,11 @@ def main() -> None:
     p.add_argument("--stop-at", type=int, default=None,
                    help="truncate every run after this many steps (schedule unchanged)")
     p.add_argument("--report", action="store_true", help="only print the table")
+    p.add_argument("--metric", default="test_accuracy", choices=("test_accuracy", "test_loss"))
+    p.add_argument("--targets", type=float, nargs="+", default=[0.88, 0.89, 0.90])
     args = p.parse_args()
     if args.report:
-        report(Path(args.out))
+        report(Path(args.out), tuple(args.targets), args.metric)
     else:
         run(args)
 
