@@ -234,6 +234,31 @@ def math_inf() -> float:
     return float("inf")
 
 
+# ---- files written by earlier versions ------------------------------------------------------
+LEGACY = REPO / "tests" / "data" / "legacy-0.1.0"
+
+
+def test_checkpoint_written_by_0_1_0_still_loads() -> None:
+    """A 2-rank checkpoint written by the single-module checkpoint code of 0.1.0 (see
+    tests/data/make_legacy_checkpoint.py) verifies and loads, on 1 rank, bit for bit."""
+    legacy = load_module("make_legacy_checkpoint", LEGACY.parent / "make_legacy_checkpoint.py")
+    expected = json.loads((LEGACY / "expected.json").read_text())
+    assert ckpt.verify_checkpoint(LEGACY) == []
+    model = legacy.build_model()
+    optimizer = MLBFGS(model.parameters(), blocks=build_blocks(model), lr=0.05, update_freq=2,
+                       history_size=2, comm=LocalCommunicator())
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    loaded = ckpt.resume(LEGACY, model=model, optimizer=optimizer, comm=LocalCommunicator(),
+                         scheduler=scheduler)
+    assert loaded is not None and loaded.step == 6 and loaded.world_size == 2
+    assert loaded.extra == {"epoch": 0, "batch_index": 6}
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, torch.tensor(expected["params"][name])), name
+    for key, value in expected["counters"].items():
+        assert float(optimizer.counters[key]) == value, key
+    assert scheduler.get_last_lr() == expected["lr"]
+
+
 # ---- directory protocol ----------------------------------------------------------------------
 def test_layout_manifest_latest_and_keep(tmp_path: Path) -> None:
     model = make_bn_model()
@@ -253,7 +278,7 @@ def test_layout_manifest_latest_and_keep(tmp_path: Path) -> None:
         list(b.param_names) for b in optimizer.blocks]
     assert manifest["shards"][0]["blocks"] == [0, 1, 2]
     for name, info in manifest["files"].items():
-        assert ckpt._sha256(path / name) == info["sha256"]
+        assert ckpt.h5io.sha256_file(path / name) == info["sha256"]
         assert (path / name).stat().st_size == info["bytes"]
     # Every dataset is chunked with fletcher32; no pickled or opaque data anywhere.
     checked = 0
