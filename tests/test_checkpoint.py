@@ -29,19 +29,15 @@ import torch
 
 from mlbfgs_hpc import MLBFGS, LocalCommunicator, build_blocks
 from mlbfgs_hpc import checkpoint as ckpt
+from tests.ckpt_helpers import TOOL, Stateful, tool_main
 from tests.mpi_helpers import load_module
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "mpi_scripts" / "ckpt_worker.py"
-TOOL = REPO / "tools" / "mlbfgs_ckpt.py"
 PYTHON = sys.executable
 
 
 worker = load_module("ckpt_worker", WORKER)
-try:  # installed as a package by setup.cfg; fall back to the source tree
-    from mlbfgs_hpc_tools.mlbfgs_ckpt import main as tool_main
-except ImportError:
-    tool_main = load_module("mlbfgs_ckpt", TOOL).main
 
 
 def params_npz(out: Path) -> dict[str, np.ndarray]:
@@ -199,16 +195,6 @@ def test_nested_state_round_trip_without_pickle(tmp_path: Path, monkeypatch: pyt
                                                 ) -> None:
     """Odd-but-legal state: int/tuple keys, NaN, None, bf16/bool/empty/0-d tensors, '/' keys;
     saving and loading must never call pickle (or torch.save/torch.load)."""
-
-    class Stateful:  # any object with state_dict/load_state_dict can ride as "scheduler"
-        def __init__(self, state: Any) -> None:
-            self.state = state
-
-        def state_dict(self) -> Any:
-            return self.state
-
-        def load_state_dict(self, state: Any) -> None:
-            self.state = state
 
     state = {"ints": {0: torch.arange(3), 7: None}, (1, "a"): [1.5, float("nan"), -math_inf()],
              "a/b": torch.tensor(2.5, dtype=torch.bfloat16), "mask": torch.tensor([True, False]),

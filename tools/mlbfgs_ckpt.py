@@ -5,7 +5,9 @@
     mlbfgs-ckpt ls RUN_DIR                 checkpoints: step, world size, size, valid or not
     mlbfgs-ckpt show CKPT [--json]         configuration, block table, per-block history stats
     mlbfgs-ckpt verify CKPT                digests + every dataset's fletcher32; exit 1 if bad
-    mlbfgs-ckpt diff A B [--atol X]        exit 0 when every entry matches (bitwise by default)
+    mlbfgs-ckpt diff A B [--atol X] [--rtol Y] [--rng]
+                                           exit 0 when the training state matches (bitwise
+                                           by default); run metadata is shown apart
     mlbfgs-ckpt export CKPT OUT.pt         model weights as a plain torch state dict
 
 Wherever ``CKPT`` is taken, a run directory works too and means its newest valid checkpoint.
@@ -30,7 +32,7 @@ import torch
 from mlbfgs_hpc.checkpoint import (
     CheckpointError,
     checkpoint_summary,
-    diff_checkpoints,
+    compare_checkpoints,
     list_checkpoints,
     model_state_dict,
     resolve_checkpoint,
@@ -163,15 +165,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    diffs, compared = diff_checkpoints(args.a, args.b, atol=args.atol, include_rng=args.rng)
-    how = "bitwise" if args.atol is None else f"within atol={args.atol:g}"
-    if diffs:
-        for line in diffs:
-            print(line)
-        print(f"{len(diffs)} of {compared} entries differ ({how})")
-        return 1
-    print(f"identical: {compared} entries match ({how})")
-    return 0
+    result = compare_checkpoints(args.a, args.b, atol=args.atol, rtol=args.rtol,
+                                 include_rng=args.rng)
+    for difference in result.differences:
+        print(difference)
+    if result.metadata:
+        print("run metadata (shown apart: never makes the exit code non-zero):")
+        for line in result.metadata:
+            print(f"  {line}")
+    print(result.summary())
+    return 0 if result.identical else 1
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -205,7 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("a")
     p.add_argument("b")
     p.add_argument("--atol", type=float, default=None,
-                   help="absolute tolerance for floating values (default: bitwise)")
+                   help="absolute tolerance for floating values, numpy.allclose semantics: "
+                        "|a-b| <= atol + rtol*|b|; given alone, rtol is numpy's 1e-5 "
+                        "(default: bitwise)")
+    p.add_argument("--rtol", type=float, default=None,
+                   help="relative tolerance (relative to B); given alone, atol is numpy's "
+                        "1e-8 (default: bitwise)")
     p.add_argument("--rng", action="store_true", help="also compare per-rank RNG states")
     p.set_defaults(func=cmd_diff)
     p = sub.add_parser("export", help="write the model weights as a torch state dict")

@@ -22,7 +22,8 @@ The parts, one module each (read them in this order):
 ``reader``      :class:`CheckpointReader`: read-only access to one checkpoint
 ``load``        :func:`load_checkpoint` / :func:`resume` on any world size (re-partitioning)
 ``verify``      :func:`list_checkpoints`, :func:`verify_checkpoint`: what is damaged
-``diff``        :func:`diff_checkpoints`: two checkpoints compared entry by entry
+``diff``        :func:`compare_checkpoints` / :func:`diff_checkpoints`: the training state
+                compared (bitwise or ``numpy.allclose`` tolerances), run metadata apart
 ``summary``     :func:`checkpoint_summary` and :func:`model_state_dict` (``mlbfgs-ckpt``)
 ==============  =================================================================================
 
@@ -32,7 +33,7 @@ save_checkpoint, resume``); the modules' other names are internal.
 
 from __future__ import annotations
 
-from .diff import diff_checkpoints
+from .diff import CheckpointDiff, compare_checkpoints, diff_checkpoints
 from .errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -63,7 +64,7 @@ __all__ = [
     "list_checkpoints", "verify_checkpoint", "resolve_checkpoint", "diff_checkpoints",
     "read_latest_pointer", "read_manifest", "checkpoint_summary", "model_state_dict",
     "checkpoints_dir", "is_checkpoint_dir", "step_dir_name", "shard_name", "RngState",
-    "VISIBILITY_WAIT_S",
+    "VISIBILITY_WAIT_S", "CheckpointDiff", "compare_checkpoints",
 ]
 
 #: How long each rank polls for the temporary directory rank 0 created before concluding that

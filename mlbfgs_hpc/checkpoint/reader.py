@@ -157,5 +157,6 @@ class CheckpointReader:
                 out[f"rng/{rank}/torch"] = state.torch_state
                 out[f"rng/{rank}/numpy"] = torch.from_numpy(state.numpy_state[1].astype(
                     np.int64))
+                out[f"rng/{rank}/numpy_pos"] = int(state.numpy_state[2])
                 out[f"rng/{rank}/python"] = torch.tensor(state.python_state[1])
         return out

@@ -1,0 +1,124 @@
+"""``mlbfgs-ckpt diff`` and ``verify`` on checkpoints written in-process.
+
+diff: training state compared, run metadata (wall-clock, configuration) shown apart and never
+counted; tolerances agree with ``numpy.allclose`` element for element (numpy is the oracle);
+NaN matches NaN. verify: every checkpoint of a run directory is checked and reported, a damaged
+one makes the exit code 1 whichever it is, and a single shard file can be verified alone.
+(Real training runs compared with ``diff``: ``tests/test_run_dir.py``.)
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from mlbfgs_hpc import LocalCommunicator
+from mlbfgs_hpc import checkpoint as ckpt
+from tests.ckpt_helpers import Stateful, tool_main
+
+
+def save_model(run: Path, model: torch.nn.Module, *, extra: dict[str, Any] | None = None,
+               config: dict[str, Any] | None = None, scheduler: Any = None) -> Path:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return ckpt.save_checkpoint(run, step=1, model=model, optimizer=optimizer,
+                                comm=LocalCommunicator(), scheduler=scheduler, extra=extra,
+                                config=config)
+
+
+def linear_with(weight: torch.Tensor) -> torch.nn.Module:
+    model = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        model.weight.copy_(weight)
+    return model
+
+
+# ---- diff ------------------------------------------------------------------------------------
+def test_run_metadata_is_shown_apart_and_never_counted(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    weight = torch.randn(3, 4)
+    a = save_model(tmp_path / "a", linear_with(weight), config={"run_dir": "runs/a"},
+                   extra={"epoch": 1, "elapsed_seconds": 0.063})
+    b = save_model(tmp_path / "b", linear_with(weight), config={"run_dir": "runs/b"},
+                   extra={"epoch": 1, "elapsed_seconds": 0.049})
+    result = ckpt.compare_checkpoints(a, b)
+    assert result.identical and result.compared > 0
+    assert "extra/elapsed_seconds: 0.063 vs 0.049" in result.metadata
+    assert "config/run_dir: 'runs/a' vs 'runs/b'" in result.metadata
+    assert ckpt.diff_checkpoints(a, b) == ([], result.compared)
+    assert tool_main(["diff", str(a), str(b)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "run metadata (shown apart: never makes the exit code non-zero):" in out
+    assert "  extra/elapsed_seconds: 0.063 vs 0.049" in out
+    assert out[-1].startswith("identical (bitwise): ")
+    # The data-order position is training state: it counts.
+    c = save_model(tmp_path / "c", linear_with(weight), extra={"epoch": 2})
+    assert tool_main(["diff", str(a), str(c)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert "extra/epoch: 1 vs 2" in out
+    assert out[-1].startswith("DIFFERENT (bitwise): 1 of ")
+
+
+def test_tolerances_agree_with_numpy_allclose(tmp_path: Path) -> None:
+    """Values in the hundreds (like rho = 1/sᵀy) and near zero, perturbed by float32-sized
+    amounts: the verdict for every atol/rtol combination is numpy.allclose's."""
+    gen = torch.Generator().manual_seed(7)
+    big = 100 + 400 * torch.rand(4, 8, generator=gen)
+    small = 1e-6 * torch.randn(4, 8, generator=gen)
+    weight = torch.cat([big, small], dim=1)
+    noise = torch.randn(weight.shape, generator=gen)
+    other = weight + noise * torch.where(weight.abs() > 1, 1.5e-5, 4e-9)
+    a = save_model(tmp_path / "a", linear_with(weight))
+    b = save_model(tmp_path / "b", linear_with(other))
+    wa, wb = weight.double().numpy(), other.double().numpy()
+    for atol, rtol in [(None, None), (1e-5, None), (None, 1e-4), (1e-5, 0.0), (0.0, 1e-4),
+                       (1e-8, 1e-7), (1e-3, 0.0), (1e-2, 1e-9)]:
+        result = ckpt.compare_checkpoints(a, b, atol=atol, rtol=rtol)
+        if atol is None and rtol is None:
+            assert not result.identical
+            continue
+        kwargs = {k: v for k, v in (("atol", atol), ("rtol", rtol)) if v is not None}
+        expected = bool(np.allclose(wa, wb, **kwargs))
+        assert result.identical == expected, (atol, rtol, result.differences)
+        stats = result.groups["model"]
+        assert stats.max_abs == pytest.approx(float(np.abs(wa - wb).max()))
+        assert stats.differing == (0 if expected else 1)
+    # The issue's case: rho in the hundreds, off by 1.5e-5 -> fails --atol 1e-5 --rtol 0,
+    # passes --rtol 1e-4 (atol numpy's 1e-8).
+    assert not ckpt.compare_checkpoints(a, b, atol=1e-5, rtol=0.0).identical
+    assert ckpt.compare_checkpoints(a, b, rtol=1e-4).identical
+    assert tool_main(["diff", "--rtol", "1e-4", str(a), str(b)]) == 0
+    assert tool_main(["diff", "--atol", "1e-5", "--rtol", "0", str(a), str(b)]) == 1
+    with pytest.raises(ValueError, match="rtol must be a finite number >= 0"):
+        ckpt.compare_checkpoints(a, b, rtol=-1.0)
+
+
+def test_nan_matches_nan_inf_matches_only_inf(tmp_path: Path) -> None:
+    """Optimizer diagnostics are NaN when undefined: NaN (any payload, any sign) == NaN,
+    bitwise and with tolerances, in tensors and in plain floats; inf == inf only."""
+    nan = torch.tensor([float("nan"), 1.0, float("inf")])
+    other_nan = nan.clone()
+    other_nan.view(torch.int32)[0] ^= 0x7FFFF  # another NaN payload...
+    other_nan[0] = -other_nan[0]  # ...and sign
+    assert torch.isnan(other_nan[0]) and not torch.equal(nan.view(torch.int32)[:1],
+                                                         other_nan.view(torch.int32)[:1])
+    a = save_model(tmp_path / "a", linear_with(torch.ones(2, 2)),
+                   scheduler=Stateful({"diag": nan, "cos_min": float("nan")}))
+    b = save_model(tmp_path / "b", linear_with(torch.ones(2, 2)),
+                   scheduler=Stateful({"diag": other_nan, "cos_min": float("nan")}))
+    assert ckpt.compare_checkpoints(a, b).identical
+    assert ckpt.compare_checkpoints(a, b, atol=1e-3).identical
+    c = save_model(tmp_path / "c", linear_with(torch.ones(2, 2)),
+                   scheduler=Stateful({"diag": torch.tensor([math.nan, 1.0, 1e30]),
+                                       "cos_min": 0.5}))
+    result = ckpt.compare_checkpoints(a, c, rtol=1.0)
+    assert sorted(d.key for d in result.differences) == ["scheduler/cos_min",
+                                                         "scheduler/diag"]
+
+
+# ---- verify --------------------------------------------------------------------------------
