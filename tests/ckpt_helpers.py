@@ -1,9 +1,13 @@
-"""Helpers shared by the checkpoint tests: the ``mlbfgs-ckpt`` entry point and a stand-in
-for any object with ``state_dict``/``load_state_dict`` (it rides in the scheduler slot)."""
+"""Helpers shared by the checkpoint tests: the ``mlbfgs-ckpt`` entry point, a stand-in for
+any object with ``state_dict``/``load_state_dict`` (it rides in the scheduler slot) and a way
+to damage a dataset's stored bytes."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import h5py
 
 from tests.mpi_helpers import REPO, load_module
 
@@ -26,3 +30,14 @@ class Stateful:
 
     def load_state_dict(self, state: Any) -> None:
         self.state = state
+
+
+def flip_byte_in_dataset(file: Path, dataset: str) -> None:
+    """Flip one byte inside the stored data of ``dataset`` (not in HDF5 metadata)."""
+    with h5py.File(file, "r") as f:
+        offset = f[dataset].id.get_chunk_info(0).byte_offset
+    with file.open("r+b") as fh:
+        fh.seek(offset + 3)
+        byte = fh.read(1)
+        fh.seek(offset + 3)
+        fh.write(bytes([byte[0] ^ 0xFF]))

@@ -29,7 +29,7 @@ import torch
 
 from mlbfgs_hpc import MLBFGS, LocalCommunicator, build_blocks
 from mlbfgs_hpc import checkpoint as ckpt
-from tests.ckpt_helpers import TOOL, Stateful, tool_main
+from tests.ckpt_helpers import TOOL, Stateful, flip_byte_in_dataset, tool_main
 from tests.mpi_helpers import load_module
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,15 +135,6 @@ def run_copy(mlbfgs_ckpt: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(mlbfgs_ckpt, tmp_path / "run"))
 
 
-def flip_byte_in_dataset(file: Path, dataset: str) -> None:
-    """Flip one byte inside the stored data of ``dataset`` (not in HDF5 metadata)."""
-    with h5py.File(file, "r") as f:
-        offset = f[dataset].id.get_chunk_info(0).byte_offset
-    with file.open("r+b") as fh:
-        fh.seek(offset + 3)
-        byte = fh.read(1)
-        fh.seek(offset + 3)
-        fh.write(bytes([byte[0] ^ 0xFF]))
 
 
 # ---- bit-identical resume ------------------------------------------------------------------------
@@ -348,8 +339,8 @@ def test_auto_resume_skips_damaged_newest(run_copy: Path,
     assert int(optimizer.state_dict()["global"]["step"]) == 4
     infos = {i.step: i for i in ckpt.list_checkpoints(run_copy)}
     assert infos[4].valid and not infos[8].valid and infos[8].latest
-    # The tool resolves a run directory to the newest *valid* checkpoint as well.
-    assert tool_main(["verify", str(run_copy)]) == 0
+    # verify checks every checkpoint of a run: the damaged one fails it (exit 1).
+    assert tool_main(["verify", str(run_copy)]) == 1
 
 
 def test_missing_shard_error_names_the_file(run_copy: Path) -> None:
@@ -455,6 +446,8 @@ def test_tool_ls_show_verify(mlbfgs_ckpt: Path, capsys: pytest.CaptureFixture[st
     assert shown["blocks"][0]["rho_min"] <= shown["blocks"][0]["rho_max"]
 
     assert tool_main(["verify", str(mlbfgs_ckpt)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("OK: all 2 checkpoints ")
+    assert tool_main(["verify", str(mlbfgs_ckpt / "checkpoints" / "step-000008")]) == 0
     assert capsys.readouterr().out.startswith("OK ")
     assert tool_main(["verify", str(mlbfgs_ckpt / "nothing")]) == 1
 

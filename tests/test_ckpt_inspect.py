@@ -10,6 +10,9 @@ one makes the exit code 1 whichever it is, and a single shard file can be verifi
 from __future__ import annotations
 
 import math
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +22,14 @@ import torch
 
 from mlbfgs_hpc import LocalCommunicator
 from mlbfgs_hpc import checkpoint as ckpt
-from tests.ckpt_helpers import Stateful, tool_main
+from tests.ckpt_helpers import TOOL, Stateful, flip_byte_in_dataset, tool_main
 
 
 def save_model(run: Path, model: torch.nn.Module, *, extra: dict[str, Any] | None = None,
-               config: dict[str, Any] | None = None, scheduler: Any = None) -> Path:
+               config: dict[str, Any] | None = None, scheduler: Any = None,
+               step: int = 1) -> Path:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    return ckpt.save_checkpoint(run, step=1, model=model, optimizer=optimizer,
+    return ckpt.save_checkpoint(run, step=step, model=model, optimizer=optimizer,
                                 comm=LocalCommunicator(), scheduler=scheduler, extra=extra,
                                 config=config)
 
@@ -122,3 +126,78 @@ def test_nan_matches_nan_inf_matches_only_inf(tmp_path: Path) -> None:
 
 
 # ---- verify --------------------------------------------------------------------------------
+def two_checkpoint_run(run: Path) -> tuple[Path, Path]:
+    old = save_model(run, linear_with(torch.randn(8, 8)), step=4)
+    new = save_model(run, linear_with(torch.randn(8, 8)), step=8)
+    return old, new
+
+
+def run_tool(*args: str) -> subprocess.CompletedProcess[str]:
+    """The real command line (``python tools/mlbfgs_ckpt.py``), as a job script runs it."""
+    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_verify_run_dir_checks_every_checkpoint(tmp_path: Path) -> None:
+    """A truncated newest shard: exit 1 naming it, and the older checkpoint a resume would
+    use; a damaged *older* checkpoint fails the run as well; an interrupted write does not."""
+    run = tmp_path / "run"
+    old, new = two_checkpoint_run(run)
+    proc = run_tool("verify", str(run))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "step-000004  step 4  OK" in proc.stdout and "step-000008  step 8  OK" in proc.stdout
+    assert f"a resume would use {new}" in proc.stdout
+    assert proc.stdout.splitlines()[-1].startswith(f"OK: all 2 checkpoints of {run}")
+
+    (run / "checkpoints" / ".tmp-step-000012-0123456789ab").mkdir()  # a killed write
+    shard = new / "shard-00000-of-00001.h5"
+    with shard.open("r+b") as fh:
+        fh.truncate(shard.stat().st_size // 2)
+    proc = run_tool("verify", str(run))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "step-000008  step 8  DAMAGED" in lines
+    assert any(str(shard) in line and "truncated" in line for line in lines), lines
+    assert any(line.startswith(".tmp-step-000012-0123456789ab  step 12  incomplete")
+               for line in lines), lines
+    assert f"a resume would use {old}" in lines
+    assert lines[-1] == "INVALID: 1 of 2 checkpoints damaged (step-000008)"
+    assert ckpt.find_latest_valid(run) == old  # what resume really does
+
+    shutil.rmtree(new)
+    flip_byte_in_dataset(old / "common.h5", "model/weight")
+    proc = run_tool("verify", str(run))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "step-000004  step 4  DAMAGED" in proc.stdout
+    assert proc.stdout.splitlines()[-1] == ("INVALID: 1 of 1 checkpoints damaged (step-000004)"
+                                            "; none left to resume from")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = run_tool("verify", str(empty))
+    assert proc.returncode == 1 and f"INVALID: no checkpoints under {empty}" in proc.stdout
+
+
+def test_verify_one_shard_file(tmp_path: Path) -> None:
+    _, new = two_checkpoint_run(tmp_path / "run")
+    shard = new / "shard-00000-of-00001.h5"
+    proc = run_tool("verify", str(shard))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "size, sha256 and content match the manifest" in proc.stdout
+    assert ckpt.verify_file(new / "common.h5") == []
+    # Copied away from its manifest: checked for what it holds alone, and the output says so.
+    alone = tmp_path / "alone.h5"
+    shutil.copy(new / "common.h5", alone)
+    proc = run_tool("verify", str(alone))
+    assert proc.returncode == 0 and "no manifest beside it" in proc.stdout, proc.stdout
+    flip_byte_in_dataset(alone, "model/weight")
+    proc = run_tool("verify", str(alone))
+    assert proc.returncode == 1 and "fletcher32" in proc.stdout, proc.stdout
+    with shard.open("r+b") as fh:
+        fh.truncate(shard.stat().st_size - 100)
+    problems = ckpt.verify_file(shard)
+    assert any("truncated" in p for p in problems), problems
+    assert run_tool("verify", str(shard)).returncode == 1
+    not_ours = tmp_path / "x.h5"
+    not_ours.write_bytes(b"not hdf5")
+    assert any("cannot be opened as HDF5" in p for p in ckpt.verify_file(not_ours))
+

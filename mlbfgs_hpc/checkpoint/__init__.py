@@ -21,7 +21,8 @@ The parts, one module each (read them in this order):
 ``write``       :func:`save_checkpoint` and its crash-safe protocol (tmp dir, fsync, rename)
 ``reader``      :class:`CheckpointReader`: read-only access to one checkpoint
 ``load``        :func:`load_checkpoint` / :func:`resume` on any world size (re-partitioning)
-``verify``      :func:`list_checkpoints`, :func:`verify_checkpoint`: what is damaged
+``verify``      :func:`list_checkpoints`, :func:`verify_checkpoint`, :func:`verify_run` (every
+                checkpoint of a run, and which one a resume would use), :func:`verify_file`
 ``diff``        :func:`compare_checkpoints` / :func:`diff_checkpoints`: the training state
                 compared (bitwise or ``numpy.allclose`` tolerances), run metadata apart
 ``summary``     :func:`checkpoint_summary` and :func:`model_state_dict` (``mlbfgs-ckpt``)
@@ -54,7 +55,15 @@ from .manifest import find_latest_valid, read_manifest, resolve_checkpoint
 from .reader import CheckpointReader
 from .rng import RngState
 from .summary import checkpoint_summary, model_state_dict
-from .verify import CheckpointInfo, list_checkpoints, verify_checkpoint
+from .verify import (
+    CheckpointInfo,
+    CheckpointReport,
+    RunVerification,
+    list_checkpoints,
+    verify_checkpoint,
+    verify_file,
+    verify_run,
+)
 from .write import save_checkpoint
 
 __all__ = [
@@ -64,7 +73,8 @@ __all__ = [
     "list_checkpoints", "verify_checkpoint", "resolve_checkpoint", "diff_checkpoints",
     "read_latest_pointer", "read_manifest", "checkpoint_summary", "model_state_dict",
     "checkpoints_dir", "is_checkpoint_dir", "step_dir_name", "shard_name", "RngState",
-    "VISIBILITY_WAIT_S", "CheckpointDiff", "compare_checkpoints",
+    "VISIBILITY_WAIT_S", "CheckpointDiff", "compare_checkpoints", "verify_run", "verify_file",
+    "RunVerification", "CheckpointReport",
 ]
 
 #: How long each rank polls for the temporary directory rank 0 created before concluding that

@@ -1,5 +1,7 @@
-"""Listing and verifying the checkpoints of a run: digests, every dataset's fletcher32
-checksum and the block/model tables against the manifest."""
+"""Listing and verifying checkpoints: digests, every dataset's fletcher32 checksum and the
+block/model tables against the manifest; one checkpoint (:func:`verify_checkpoint`), every
+checkpoint of a run (:func:`verify_run`, which also says which one a resume would use) or one
+shard file (:func:`verify_file`)."""
 
 from __future__ import annotations
 
@@ -14,12 +16,20 @@ from .h5io import open_h5, quote_key, read_array, stored_shape
 from .layout import (
     BLOCK_STATE_KEYS,
     COMMON_NAME,
+    FORMAT_NAME,
+    MANIFEST_NAME,
     TMP_DIR_RE,
     checkpoints_dir,
     read_latest_pointer,
     step_dirs,
 )
-from .manifest import digest_problems, read_manifest, resolve_checkpoint
+from .manifest import (
+    check_file,
+    digest_problems,
+    find_latest_valid,
+    read_manifest,
+    resolve_checkpoint,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,8 +99,8 @@ def verify_checkpoint(path: str | Path) -> list[str]:
 
     Checks the manifest and schema, every file's size and sha256, reads every dataset (which
     verifies its fletcher32 checksum) and checks that every block of the block table and every
-    model entry is present with the recorded shape. ``path`` may be a run directory (its
-    newest valid checkpoint is verified).
+    model entry is present with the recorded shape. ``path`` may be a run directory: its
+    newest valid checkpoint is verified (:func:`verify_run` checks all of them).
     """
     try:
         ckpt = resolve_checkpoint(path)
@@ -100,16 +110,112 @@ def verify_checkpoint(path: str | Path) -> list[str]:
     if manifest is None:
         return problems
     for name in sorted(manifest["files"]):
-        file = ckpt / name
-        if not file.is_file():
-            continue
-        try:
-            with open_h5(file) as f:
-                problems += _dataset_problems(f)
-                problems += _structure_problems(f, name, manifest)
-        except (OSError, ValueError) as exc:
-            problems.append(f"{file} cannot be opened as HDF5: {exc}")
+        if (ckpt / name).is_file():
+            problems += _content_problems(ckpt / name, manifest)
     return problems
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointReport:
+    """One checkpoint of a run as :func:`verify_run` found it.
+
+    Attributes:
+        path: the checkpoint directory (or ``.tmp-*`` directory of an interrupted write).
+        step: its step.
+        complete: ``False`` for an interrupted write (not damage: resume ignores it and the
+            next checkpoint removes it).
+        problems: why it is damaged; empty when it is valid.
+    """
+
+    path: Path
+    step: int
+    complete: bool = True
+    problems: tuple[str, ...] = ()
+
+    @property
+    def damaged(self) -> bool:
+        return self.complete and bool(self.problems)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunVerification:
+    """The outcome of :func:`verify_run`.
+
+    Attributes:
+        run_dir: the directory that was checked.
+        checkpoints: every checkpoint, oldest step first, then interrupted writes.
+        resume_from: the checkpoint a resume would load (newest step whose digests check
+            out), ``None`` when there is none.
+    """
+
+    run_dir: Path
+    checkpoints: tuple[CheckpointReport, ...]
+    resume_from: Path | None
+
+    @property
+    def damaged(self) -> list[CheckpointReport]:
+        return [c for c in self.checkpoints if c.damaged]
+
+    @property
+    def ok(self) -> bool:
+        """At least one complete checkpoint, and none damaged."""
+        return any(c.complete for c in self.checkpoints) and not self.damaged
+
+
+def verify_run(run_dir: str | Path) -> RunVerification:
+    """Verify every checkpoint of a run directory (:func:`verify_checkpoint` on each).
+
+    Raises:
+        CheckpointError: ``run_dir`` is not a directory.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory {run_dir} does not exist")
+    reports = [CheckpointReport(path=path, step=step, problems=tuple(verify_checkpoint(path)))
+               for step, path in reversed(step_dirs(checkpoints_dir(run_dir)))]
+    reports += [CheckpointReport(path=info.path, step=info.step, complete=False,
+                                 problems=info.problems)
+                for info in list_checkpoints(run_dir, check=False, include_incomplete=True)
+                if not info.complete]
+    return RunVerification(run_dir=run_dir, checkpoints=tuple(reports),
+                           resume_from=find_latest_valid(run_dir))
+
+
+def verify_file(path: str | Path) -> list[str]:
+    """Every problem of one file of a checkpoint (a shard or ``common.h5``); empty if valid.
+
+    Every dataset is read (fletcher32); with the checkpoint's manifest beside it, the size,
+    sha256 and content are also checked against the manifest. A file without its manifest
+    (copied elsewhere) is checked for what it holds alone, which the result says.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return [f"{path} does not exist or is not a file"]
+    if not (path.parent / MANIFEST_NAME).exists():
+        return _content_problems(path, None)
+    try:
+        manifest = read_manifest(path.parent)
+    except CheckpointError as exc:
+        return [str(exc)] + _content_problems(path, None)
+    info = manifest["files"].get(path.name)
+    if info is None:
+        return [f"{path} is not listed in {path.parent / MANIFEST_NAME}"]
+    problem = check_file(path.parent, path.name, info)
+    return ([problem] if problem else []) + _content_problems(path, manifest)
+
+
+def _content_problems(file: Path, manifest: dict[str, Any] | None) -> list[str]:
+    """Unreadable datasets of one HDF5 file, and (with a manifest) what it lacks."""
+    try:
+        with open_h5(file) as f:
+            if f.attrs.get("format") != FORMAT_NAME:
+                return [f"{file} is not an {FORMAT_NAME} file"]
+            problems = _dataset_problems(f)
+            if manifest is not None:
+                problems += _structure_problems(f, file.name, manifest)
+            return problems
+    except (OSError, ValueError) as exc:
+        return [f"{file} cannot be opened as HDF5: {exc}"]
 
 
 def _dataset_problems(f: h5py.File) -> list[str]:
