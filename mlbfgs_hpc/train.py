@@ -32,11 +32,22 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .blocks import build_blocks
+from .cli import (
+    ArgumentParser,
+    HelpFormatter,
+    UsageError,
+    launcher_rank,
+    print_usage_error,
+    validate_train_args,
+)
 from .comm import GRAD_BACKENDS, GradientReducer, LocalCommunicator, init_communicator
 from .config import CLIP_MODES, MLBFGSConfig
 from .data import DATASET_NAMES, DatasetSplit, GlobalBatchSampler, load_dataset, shard_bounds
 from .models import MODEL_NAMES, build_model
 from .optimizer import MLBFGS
+from .runconfig import SCHEDULE_KEYS, apply_group_settings, config_changes, replan_schedule
+from .rundir import RunDirBusyError, hold_run_dir
+from .seeding import seed_everything
 from .signals import EXIT_OK, EXIT_REQUEUE, StopRequest, process_age_seconds
 
 logger = logging.getLogger("mlbfgs_hpc.train")
@@ -47,14 +58,9 @@ DEFAULT_LR = {"mlbfgs": 0.1, "sgd": 0.05, "adam": 1e-3, "lbfgs": 0.1}
 _DEFAULTS = MLBFGSConfig()
 
 
-class UsageError(ValueError):
-    """A command-line value that cannot work here (``main`` reports it and exits 2, like
-    argparse, instead of a traceback)."""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mlbfgs-train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = ArgumentParser(
+        prog="mlbfgs-train", formatter_class=HelpFormatter,
         description="Train a model with mL-BFGS (or a baseline) on one process or many MPI "
                     "ranks. With no arguments: a short Fashion-MNIST run of the small CNN.")
     a = p.add_argument
@@ -125,19 +131,29 @@ def main(argv: list[str] | None = None) -> int:
     IGNORED on return, so that a warning arriving once the exit code is decided (during the
     seconds of interpreter, Horovod and MPI shutdown) cannot turn 0 or 99 into 138. Embedders
     wanting their handlers back use :meth:`Trainer.run`, which restores them.
+
+    Exit code 2, with one line from rank 0 and no traceback: a flag value that cannot work,
+    missing input data, or a run directory another run holds (see :mod:`mlbfgs_hpc.cli`,
+    :mod:`mlbfgs_hpc.rundir`).
     """
     args = build_parser().parse_args(argv)
+    try:
+        validate_train_args(args)
+    except UsageError as exc:
+        print_usage_error("mlbfgs-train", str(exc), rank=launcher_rank())
+        return 2
     stop = StopRequest()
     try:
         comm = init_communicator()
         _setup_logging(comm.rank)
         try:
-            return Trainer(args=args, comm=comm).run(stop=stop)
+            with hold_run_dir(args.run_dir, comm):
+                return Trainer(args=args, comm=comm).run(stop=stop)
         except ckpt.CheckpointError as exc:
             logger.error("%s", exc)
             return 1
-        except UsageError as exc:
-            logger.error("%s", exc)
+        except (UsageError, RunDirBusyError) as exc:
+            print_usage_error("mlbfgs-train", str(exc), rank=comm.rank)
             return 2
     finally:
         # Not the listener: Python resets its own handlers to the default action while it
@@ -212,14 +228,17 @@ class Trainer:
 
         self.train_set = self._load("train").to(self.device)
         self.test_set = self._load("test").to(self.device)
-        self.sampler = GlobalBatchSampler(
-            dataset_size=len(self.train_set), global_batch_size=args.batch_size,
-            seed=args.seed, rank=comm.rank, world_size=comm.size)
+        try:
+            self.sampler = GlobalBatchSampler(
+                dataset_size=len(self.train_set), global_batch_size=args.batch_size,
+                seed=args.seed, rank=comm.rank, world_size=comm.size)
+        except ValueError as exc:  # e.g. a global batch larger than the training set
+            raise UsageError(f"--batch-size {args.batch_size}: {exc}") from exc
         steps_per_epoch = self.sampler.batches_per_epoch
         self.total_steps = (args.steps if args.steps is not None
                             else max(1, round(args.epochs * steps_per_epoch)))
 
-        torch.manual_seed(args.seed)
+        seed_everything(args.seed)  # torch, CUDA, numpy, random: the same seed on every rank
         # Built on the CPU, then moved: the initial weights depend only on the seed, not on
         # the device, so a CPU and a GPU run start from the same point.
         self.model = build_model(args.model, in_shape=self.train_set.in_shape,
@@ -239,9 +258,12 @@ class Trainer:
 
     # ---- set-up -------------------------------------------------------------------------
     def _load(self, split: str) -> DatasetSplit:
-        return load_dataset(self.args.dataset, split=split,  # type: ignore[arg-type]
-                            root=self.args.data_root, seed=self.args.seed,
-                            synthetic_size=self.args.synthetic_size)
+        try:
+            return load_dataset(self.args.dataset, split=split,  # type: ignore[arg-type]
+                                root=self.args.data_root, seed=self.args.seed,
+                                synthetic_size=self.args.synthetic_size)
+        except (OSError, ValueError, ImportError) as exc:  # missing or unreadable input data
+            raise UsageError(f"--dataset {self.args.dataset}: {exc}") from exc
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         a = self.args
@@ -266,14 +288,15 @@ class Trainer:
         return torch.optim.LBFGS(params, lr=self.lr, max_iter=1,
                                  history_size=a.history_size, line_search_fn=None)
 
-    def _build_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler | None:
+    def _build_scheduler(self, optimizer: torch.optim.Optimizer | None = None
+                         ) -> torch.optim.lr_scheduler.LRScheduler | None:
         a = self.args
+        optimizer = self.optimizer if optimizer is None else optimizer
         if a.schedule == "cosine":
-            return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer,
-                                                              T_max=self.total_steps)
+            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.total_steps)
         if a.schedule == "step":
             step_size = a.step_size or max(1, self.total_steps // 3)
-            return torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=step_size,
+            return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size,
                                                    gamma=a.gamma)
         return None
 
@@ -316,10 +339,33 @@ class Trainer:
         self._checkpointed_step = self.step
         logger.info("resumed from %s at step %d (written on %d ranks, now %d)",
                     loaded.path, self.step, loaded.world_size, self.comm.size)
+        self._apply_config_changes(loaded.config)
         if self.step >= self.total_steps:
             logger.info("the run in %s already reached its %d steps: evaluating only (pass "
                         "--resume never or another --run-dir to train again)",
                         self.run_dir, self.total_steps)
+
+    def _apply_config_changes(self, saved: dict[str, Any]) -> None:
+        """One warning per setting that differs from the checkpoint's; the new values apply
+        and a changed schedule setting re-plans the LR schedule (see ``runconfig``)."""
+        changes, unrecorded = config_changes(saved, self._run_config())
+        if self.comm.rank == 0:
+            for change in changes:
+                logger.warning("resuming with a changed setting: %s", change)
+            if unrecorded:
+                logger.info("settings the checkpoint did not record (added since it was "
+                            "written): %s", ", ".join(unrecorded))
+        apply_group_settings(self.optimizer, changes)
+        if (self.scheduler is not None and self.step < self.total_steps
+                and any(c.key in SCHEDULE_KEYS for c in changes)):
+            before = self.optimizer.param_groups[0]["lr"]
+            replan_schedule(self.scheduler, self.optimizer, step=self.step,
+                            initial_lrs=[self.lr] * len(self.optimizer.param_groups),
+                            build=self._build_scheduler)
+            if self.comm.rank == 0:
+                logger.warning("LR schedule re-planned for a %d-step run: lr at step %d is "
+                               "%.6g (the checkpoint's plan: %.6g)", self.total_steps,
+                               self.step, self.optimizer.param_groups[0]["lr"], before)
 
     def _loop(self, stop: StopRequest) -> int:
         a, comm = self.args, self.comm
