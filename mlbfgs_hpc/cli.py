@@ -27,7 +27,7 @@ from typing import Any, NoReturn
 from .config import MLBFGSConfig
 
 __all__ = ["UsageError", "HelpFormatter", "ArgumentParser", "launcher_rank",
-           "print_usage_error", "validate_train_args", "FLAG_RULES"]
+           "print_usage_error", "validate_train_args", "train_args_ok", "FLAG_RULES"]
 
 # Rank variables of the launchers comm.py recognises (Open MPI, PMIx/srun, MPICH/Hydra,
 # MVAPICH) and SLURM's own task id.
@@ -141,6 +141,16 @@ def validate_train_args(args: argparse.Namespace) -> None:
     if resume not in ("auto", "never") and not Path(resume).exists():
         raise UsageError(f"--resume {resume}: no such checkpoint or run directory (allowed: "
                          f"'auto', 'never' or an existing path)")
+
+
+def train_args_ok(args: argparse.Namespace, *, prog: str = "mlbfgs-train") -> bool:
+    """:func:`validate_train_args`, reporting a bad value as one line from rank 0."""
+    try:
+        validate_train_args(args)
+    except UsageError as exc:
+        print_usage_error(prog, str(exc), rank=launcher_rank())
+        return False
+    return True
 
 
 def _check_mlbfgs_config(args: argparse.Namespace) -> None:

@@ -22,6 +22,7 @@ training tools follow: **the command line of the resumed run wins; the state con
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -29,7 +30,11 @@ from typing import Any
 import torch
 
 __all__ = ["SettingChange", "config_changes", "replan_schedule", "apply_group_settings",
-           "SCHEDULE_KEYS", "GROUP_KEYS", "NOT_COMPARED"]
+           "apply_on_resume", "SCHEDULE_KEYS", "GROUP_KEYS", "NOT_COMPARED"]
+
+logger = logging.getLogger("mlbfgs_hpc.train")  # these lines belong to the training log
+
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler | None]
 
 #: Settings that shape the LR schedule: a change re-plans it.
 SCHEDULE_KEYS: frozenset[str] = frozenset({"steps", "epochs", "lr", "step_size", "gamma"})
@@ -90,9 +95,7 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]
 
 def replan_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler,
                     optimizer: torch.optim.Optimizer, *, step: int,
-                    initial_lrs: Sequence[float],
-                    build: Callable[[torch.optim.Optimizer],
-                                    torch.optim.lr_scheduler.LRScheduler | None]) -> None:
+                    initial_lrs: Sequence[float], build: SchedulerFactory) -> None:
     """Replace ``scheduler``'s plan by the one ``build`` makes, as it stands at ``step``.
 
     ``build`` makes the schedule for the run's (new) settings on a given optimizer. It is run
@@ -135,3 +138,48 @@ def apply_group_settings(optimizer: torch.optim.Optimizer, changes: Sequence[Set
             for group in optimizer.param_groups:
                 if change.key in group:
                     group[change.key] = change.new
+
+
+def apply_on_resume(saved: Mapping[str, Any], current: Mapping[str, Any], *,
+                    optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler | None, step: int,
+                    total_steps: int, lr: float, build_scheduler: SchedulerFactory,
+                    report: bool) -> list[SettingChange]:
+    """What the trainer does right after loading a checkpoint (the rule of this module).
+
+    Logs one warning per changed setting (``report``: rank 0 only), sets changed param-group
+    settings, and re-plans the LR schedule when a schedule setting changed and the run is not
+    over yet.
+
+    Args:
+        saved: the configuration stored in the checkpoint.
+        current: this run's configuration.
+        optimizer: the loaded optimizer.
+        scheduler: the loaded LR scheduler, or ``None``.
+        step: the step the run resumes at.
+        total_steps: this run's length in steps.
+        lr: this run's peak learning rate (``--lr``, or the optimizer's default).
+        build_scheduler: the trainer's scheduler factory.
+        report: log the changes (rank 0).
+
+    Returns:
+        The changed settings.
+    """
+    changes, unrecorded = config_changes(saved, current)
+    if report:
+        for change in changes:
+            logger.warning("resuming with a changed setting: %s", change)
+        if unrecorded:
+            logger.info("settings the checkpoint did not record (added since it was "
+                        "written): %s", ", ".join(unrecorded))
+    apply_group_settings(optimizer, changes)
+    if (scheduler is not None and step < total_steps
+            and any(c.key in SCHEDULE_KEYS for c in changes)):
+        before = optimizer.param_groups[0]["lr"]
+        replan_schedule(scheduler, optimizer, step=step,
+                        initial_lrs=[lr] * len(optimizer.param_groups), build=build_scheduler)
+        if report:
+            logger.warning("LR schedule re-planned for a %d-step run: lr at step %d is %.6g "
+                           "(the checkpoint's plan: %.6g)", total_steps, step,
+                           optimizer.param_groups[0]["lr"], before)
+    return changes

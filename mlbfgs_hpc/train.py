@@ -31,21 +31,14 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
+from . import cli, runconfig
 from .blocks import build_blocks
-from .cli import (
-    ArgumentParser,
-    HelpFormatter,
-    UsageError,
-    launcher_rank,
-    print_usage_error,
-    validate_train_args,
-)
+from .cli import UsageError
 from .comm import GRAD_BACKENDS, GradientReducer, LocalCommunicator, init_communicator
 from .config import CLIP_MODES, MLBFGSConfig
 from .data import DATASET_NAMES, DatasetSplit, GlobalBatchSampler, load_dataset, shard_bounds
 from .models import MODEL_NAMES, build_model
 from .optimizer import MLBFGS
-from .runconfig import SCHEDULE_KEYS, apply_group_settings, config_changes, replan_schedule
 from .rundir import RunDirBusyError, hold_run_dir
 from .seeding import seed_everything
 from .signals import EXIT_OK, EXIT_REQUEUE, StopRequest, process_age_seconds
@@ -59,8 +52,8 @@ _DEFAULTS = MLBFGSConfig()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(
-        prog="mlbfgs-train", formatter_class=HelpFormatter,
+    p = cli.ArgumentParser(
+        prog="mlbfgs-train", formatter_class=cli.HelpFormatter,
         description="Train a model with mL-BFGS (or a baseline) on one process or many MPI "
                     "ranks. With no arguments: a short Fashion-MNIST run of the small CNN.")
     a = p.add_argument
@@ -131,16 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     IGNORED on return, so that a warning arriving once the exit code is decided (during the
     seconds of interpreter, Horovod and MPI shutdown) cannot turn 0 or 99 into 138. Embedders
     wanting their handlers back use :meth:`Trainer.run`, which restores them.
-
-    Exit code 2, with one line from rank 0 and no traceback: a flag value that cannot work,
-    missing input data, or a run directory another run holds (see :mod:`mlbfgs_hpc.cli`,
-    :mod:`mlbfgs_hpc.rundir`).
+    Exit code 2 (one line from rank 0): a bad flag value, missing data, a busy run directory.
     """
     args = build_parser().parse_args(argv)
-    try:
-        validate_train_args(args)
-    except UsageError as exc:
-        print_usage_error("mlbfgs-train", str(exc), rank=launcher_rank())
+    if not cli.train_args_ok(args):
         return 2
     stop = StopRequest()
     try:
@@ -153,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.error("%s", exc)
             return 1
         except (UsageError, RunDirBusyError) as exc:
-            print_usage_error("mlbfgs-train", str(exc), rank=comm.rank)
+            cli.print_usage_error("mlbfgs-train", str(exc), rank=comm.rank)
             return 2
     finally:
         # Not the listener: Python resets its own handlers to the default action while it
@@ -339,33 +326,14 @@ class Trainer:
         self._checkpointed_step = self.step
         logger.info("resumed from %s at step %d (written on %d ranks, now %d)",
                     loaded.path, self.step, loaded.world_size, self.comm.size)
-        self._apply_config_changes(loaded.config)
+        runconfig.apply_on_resume(
+            loaded.config, self._run_config(), optimizer=self.optimizer,
+            scheduler=self.scheduler, step=self.step, total_steps=self.total_steps,
+            lr=self.lr, build_scheduler=self._build_scheduler, report=self.comm.rank == 0)
         if self.step >= self.total_steps:
             logger.info("the run in %s already reached its %d steps: evaluating only (pass "
                         "--resume never or another --run-dir to train again)",
                         self.run_dir, self.total_steps)
-
-    def _apply_config_changes(self, saved: dict[str, Any]) -> None:
-        """One warning per setting that differs from the checkpoint's; the new values apply
-        and a changed schedule setting re-plans the LR schedule (see ``runconfig``)."""
-        changes, unrecorded = config_changes(saved, self._run_config())
-        if self.comm.rank == 0:
-            for change in changes:
-                logger.warning("resuming with a changed setting: %s", change)
-            if unrecorded:
-                logger.info("settings the checkpoint did not record (added since it was "
-                            "written): %s", ", ".join(unrecorded))
-        apply_group_settings(self.optimizer, changes)
-        if (self.scheduler is not None and self.step < self.total_steps
-                and any(c.key in SCHEDULE_KEYS for c in changes)):
-            before = self.optimizer.param_groups[0]["lr"]
-            replan_schedule(self.scheduler, self.optimizer, step=self.step,
-                            initial_lrs=[self.lr] * len(self.optimizer.param_groups),
-                            build=self._build_scheduler)
-            if self.comm.rank == 0:
-                logger.warning("LR schedule re-planned for a %d-step run: lr at step %d is "
-                               "%.6g (the checkpoint's plan: %.6g)", self.total_steps,
-                               self.step, self.optimizer.param_groups[0]["lr"], before)
 
     def _loop(self, stop: StopRequest) -> int:
         a, comm = self.args, self.comm
