@@ -220,6 +220,22 @@ def test_requeued_same_slurm_job_waits_for_its_predecessor(tmp_path: Path,
         holder.wait()
 
 
+@pytest.mark.timeout(300)
+def test_busy_run_dir_under_mpirun_every_rank_stops_rank_0_reports(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    holder = _start_holder(run, 300)
+    try:
+        code, out = run_training([*ARGS, "--steps", "5", "--run-dir", str(run)],
+                                 log=tmp_path / "mpi.log", ranks=2)
+        assert code == 2, out[-3000:]
+        errors = [line for line in out.splitlines() if "mlbfgs-train: error:" in line]
+        assert len(errors) == 1 and f"process {holder.pid} on host " in errors[0], out
+        assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 # ---- bad flags, missing data, --help -------------------------------------------------------
 @pytest.mark.parametrize(("flags", "named"), [
     (["--lr", "-1"], "--lr must be a finite number >= 0, got -1.0"),
