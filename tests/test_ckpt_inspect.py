@@ -46,13 +46,15 @@ def test_run_metadata_is_shown_apart_and_never_counted(tmp_path: Path,
                                                        capsys: pytest.CaptureFixture[str]
                                                        ) -> None:
     weight = torch.randn(3, 4)
+    # b: the same state, written by a signal that arrived at the last step (final False).
     a = save_model(tmp_path / "a", linear_with(weight), config={"run_dir": "runs/a"},
-                   extra={"epoch": 1, "elapsed_seconds": 0.063})
+                   extra={"epoch": 1, "elapsed_seconds": 0.063, "final": True})
     b = save_model(tmp_path / "b", linear_with(weight), config={"run_dir": "runs/b"},
-                   extra={"epoch": 1, "elapsed_seconds": 0.049})
+                   extra={"epoch": 1, "elapsed_seconds": 0.049, "final": False})
     result = ckpt.compare_checkpoints(a, b)
     assert result.identical and result.compared > 0
     assert "extra/elapsed_seconds: 0.063 vs 0.049" in result.metadata
+    assert "extra/final: True vs False" in result.metadata
     assert "config/run_dir: 'runs/a' vs 'runs/b'" in result.metadata
     assert ckpt.diff_checkpoints(a, b) == ([], result.compared)
     assert tool_main(["diff", str(a), str(b)]) == 0

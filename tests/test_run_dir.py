@@ -154,7 +154,9 @@ def test_second_run_on_busy_run_dir_exits_at_once(tmp_path: Path) -> None:
     args = [*ARGS, "--steps", "40", "--checkpoint-every", "10"]
     reference = trained(tmp_path, "reference", "--steps", "40", "--checkpoint-every", "10")
     run = tmp_path / "run"
-    first = TrainProcess(args=[*args, "--run-dir", str(run), "--step-sleep", "0.15"],
+    # 40 steps of >= 0.5 s: the second run (a python + torch start-up, several seconds on a
+    # loaded machine) is refused while the first still trains.
+    first = TrainProcess(args=[*args, "--run-dir", str(run), "--step-sleep", "0.5"],
                          log=tmp_path / "first.log")
     wait_for_step(first, run, 2, timeout=START_TIMEOUT)
     code, out = run_training([*args, "--run-dir", str(run)], log=tmp_path / "second.log")
@@ -274,14 +276,20 @@ def test_under_mpirun_only_rank_0_reports(flags: list[str], tmp_path: Path) -> N
     assert expected in errors[0], errors
 
 
-def test_internal_errors_keep_their_traceback(tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(self: train.Trainer, **kwargs: object) -> int:
-        raise RuntimeError("an internal error")
-
-    monkeypatch.setattr(train.Trainer, "run", broken)
-    with pytest.raises(RuntimeError, match="an internal error"):
-        train.main([*ARGS, "--run-dir", str(tmp_path / "r")])
+def test_internal_errors_keep_their_traceback(tmp_path: Path) -> None:
+    """A genuine bug (here: the training loop raising) is not a usage error: traceback."""
+    code = ("import sys\n"
+            "from mlbfgs_hpc import train\n"
+            "def broken(self, **kwargs):\n"
+            "    raise RuntimeError('an internal error')\n"
+            "train.Trainer.run = broken\n"
+            f"sys.exit(train.main({[*ARGS, '--run-dir', str(tmp_path / 'r')]!r}))\n")
+    proc = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True,
+                          env=train_env(), cwd=REPO, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback (most recent call last)" in proc.stderr
+    assert "RuntimeError: an internal error" in proc.stderr
+    assert "mlbfgs-train: error:" not in proc.stderr
 
 
 def test_help_shows_each_default_once() -> None:

@@ -7,8 +7,10 @@ them), the optimizer's counters and param groups, the LR scheduler, the data-ord
 (``extra``) and, when asked, the per-rank RNG states. Only differences there count.
 
 *Run metadata* differs between runs that agree: wall-clock time (``extra/elapsed_seconds``),
-creation time, host names, package versions, world size and the run configuration (it names
-the run directory). It is reported apart and never counts as a difference.
+how the checkpoint came about (``extra/final``: at the end of the run, or on a signal that
+arrived at the last step), creation time, host names, package versions, world size and the
+run configuration (it names the run directory). It is reported apart and never counts as a
+difference.
 
 Tolerances follow ``numpy.allclose``: an element matches when ``|a - b| <= atol + rtol·|b|``;
 the tolerance not given takes numpy's default (``atol=1e-8``, ``rtol=1e-5``); NaN matches NaN
@@ -29,8 +31,9 @@ import torch
 from .reader import CheckpointReader
 from .tree import LazyTensor, flatten
 
-#: Keys of ``extra`` that hold wall-clock facts, not training state (diff shows them apart).
-WALL_CLOCK_EXTRA_KEYS: tuple[str, ...] = ("elapsed_seconds",)
+#: Keys of ``extra`` that describe the run, not its training state (diff shows them apart):
+#: wall-clock seconds, and whether the checkpoint was the run's final one.
+RUN_METADATA_EXTRA_KEYS: tuple[str, ...] = ("elapsed_seconds", "final")
 #: Groups of training-state entries, in the order the summary names them.
 STATE_GROUPS: tuple[str, ...] = ("model", "optimizer", "scheduler", "extra", "rng")
 #: numpy.allclose's defaults, used for the tolerance that is not given.
@@ -223,7 +226,7 @@ def _metadata(reader: CheckpointReader) -> dict[str, Any]:
             "hosts": sorted({s["host"] for s in manifest.get("shards", [])}),
             "block_owners": [b["rank"] for b in manifest["blocks"]],
             "versions": manifest.get("versions", {}), "config": manifest.get("config", {}),
-            "extra": {k: extra[k] for k in WALL_CLOCK_EXTRA_KEYS if k in extra}}
+            "extra": {k: extra[k] for k in RUN_METADATA_EXTRA_KEYS if k in extra}}
     out: dict[str, Any] = {}
     for key, value in meta.items():
         if isinstance(value, dict):
@@ -261,11 +264,11 @@ def compare_checkpoints(a: str | Path, b: str | Path, *, atol: float | None = No
     """
     tol = Tolerance.from_options(atol=atol, rtol=rtol)
     with CheckpointReader(path=a) as ra, CheckpointReader(path=b) as rb:
-        wall_clock = {f"extra/{k}" for k in WALL_CLOCK_EXTRA_KEYS}
+        metadata_keys = {f"extra/{k}" for k in RUN_METADATA_EXTRA_KEYS}
         ea = {k: v for k, v in ra.entries(include_rng=include_rng).items()
-              if k not in wall_clock}
+              if k not in metadata_keys}
         eb = {k: v for k, v in rb.entries(include_rng=include_rng).items()
-              if k not in wall_clock}
+              if k not in metadata_keys}
         groups = {name: GroupStats() for name in STATE_GROUPS
                   if any(_group(k) == name for k in (*ea, *eb))}
         differences = [EntryDiff(key=k, reason=f"only in {ra.path}") for k in ea if k not in eb]
@@ -297,7 +300,8 @@ def diff_checkpoints(a: str | Path, b: str | Path, *, atol: float | None = None,
 
     Model entries, every optimizer tensor, optimizer counters and param groups, scheduler
     state and the data-order position in ``extra`` are compared; RNG states only with
-    ``include_rng``. Run metadata (wall-clock time, hosts, versions, configuration) is not.
+    ``include_rng``. Run metadata (wall-clock time, whether the checkpoint was the final one,
+    hosts, versions, configuration) is not.
 
     Returns:
         The differences as ``"key: reason"`` lines (empty when they match) and the number of

@@ -162,8 +162,9 @@ def save_checkpoint(run_dir: str | Path, *, step: int, model: torch.nn.Module,
         comm: the communicator (the optimizer's, for mL-BFGS).
         scheduler: an LR scheduler whose ``state_dict()`` is saved, or ``None``.
         extra: JSON values the caller needs to continue, e.g. the data-order position
-            ``{"epoch": 3, "batch_index": 120}``. The key ``elapsed_seconds`` is taken as
-            wall-clock time: ``diff`` reports it as run metadata, not training state.
+            ``{"epoch": 3, "batch_index": 120}``. The keys ``elapsed_seconds`` (wall-clock
+            time) and ``final`` (the run's last checkpoint) describe the run: ``diff``
+            reports them as run metadata, not training state.
         config: JSON run configuration, stored in the manifest.
         keep: how many of the newest checkpoints to keep (an integer >= 1).
 
