@@ -22,12 +22,13 @@ import signal
 import socket
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from mlbfgs_hpc import train
+from mlbfgs_hpc import runconfig, train
 from mlbfgs_hpc.checkpoint import CheckpointReader
 from mlbfgs_hpc.rundir import LOCK_NAME, RunDirBusyError, RunDirLock
 from mlbfgs_hpc.seeding import seed_everything
@@ -146,6 +147,41 @@ def test_resume_with_other_steps_extends_and_replans(tmp_path: Path) -> None:
     assert code == 0, out[-3000:]
     assert "--steps: 30 -> 20" in out and "already reached its 20 steps" in out, out[-3000:]
     assert [r["step"] for r in read_metrics(run) if r["event"] == "train"][-1] == 30
+
+
+def test_resume_rule_new_settings_win_and_the_schedule_is_replanned() -> None:
+    """runconfig.apply_on_resume on a loaded optimizer: changed param-group settings are set,
+    the schedule is the new settings' one at the resumed step, unchanged settings stay."""
+    def build(optimizer: torch.optim.Optimizer, total: int = 20) -> Any:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.0)
+    scheduler = build(optimizer, total=10)  # the checkpoint's 10-step plan at lr 0.1 ...
+    for _ in range(6):
+        optimizer.step()
+        scheduler.step()
+    saved = {"steps": 10, "lr": 0.1, "weight_decay": 0.0, "momentum": 0.9, "keep": 3}
+    current = {"steps": 20, "lr": 0.05, "weight_decay": 0.01, "momentum": 0.9, "keep": 3}
+    changes = runconfig.apply_on_resume(saved, current, optimizer=optimizer,
+                                        scheduler=scheduler, step=6, total_steps=20, lr=0.05,
+                                        build_scheduler=build, report=False)
+    assert sorted(c.key for c in changes) == ["lr", "steps", "weight_decay"]
+    assert str(changes[0]).startswith("--steps: 10 -> 20 (the new value applies; the LR")
+    group = optimizer.param_groups[0]
+    assert group["weight_decay"] == 0.01 and group["momentum"] == 0.9
+    reference_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.05)
+    reference = build(reference_opt)  # ... becomes a 20-step plan at lr 0.05, at step 6
+    for _ in range(6):
+        reference_opt.step()
+        reference.step()
+    assert group["lr"] == reference_opt.param_groups[0]["lr"]
+    for _ in range(5):  # and continues as that plan does
+        optimizer.step()
+        scheduler.step()
+        reference_opt.step()
+        reference.step()
+    assert group["lr"] == reference_opt.param_groups[0]["lr"]
 
 
 # ---- one writer per run directory ----------------------------------------------------------
