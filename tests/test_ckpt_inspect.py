@@ -72,7 +72,8 @@ def test_run_metadata_is_shown_apart_and_never_counted(tmp_path: Path,
 
 def test_tolerances_agree_with_numpy_allclose(tmp_path: Path) -> None:
     """Values in the hundreds (like rho = 1/sᵀy) and near zero, perturbed by float32-sized
-    amounts: the verdict for every atol/rtol combination is numpy.allclose's."""
+    amounts: every verdict is numpy.allclose's with the documented tolerances (atol alone:
+    numpy's rtol 1e-5; rtol alone: atol = rtol × the tensor's largest |b|)."""
     gen = torch.Generator().manual_seed(7)
     big = 100 + 400 * torch.rand(4, 8, generator=gen)
     small = 1e-6 * torch.randn(4, 8, generator=gen)
@@ -82,26 +83,50 @@ def test_tolerances_agree_with_numpy_allclose(tmp_path: Path) -> None:
     a = save_model(tmp_path / "a", linear_with(weight))
     b = save_model(tmp_path / "b", linear_with(other))
     wa, wb = weight.double().numpy(), other.double().numpy()
-    for atol, rtol in [(None, None), (1e-5, None), (None, 1e-4), (1e-5, 0.0), (0.0, 1e-4),
-                       (1e-8, 1e-7), (1e-3, 0.0), (1e-2, 1e-9)]:
+    for atol, rtol in [(None, None), (1e-5, None), (None, 1e-4), (None, 1e-9), (1e-5, 0.0),
+                       (0.0, 1e-4), (1e-8, 1e-7), (1e-3, 0.0), (1e-2, 1e-9)]:
         result = ckpt.compare_checkpoints(a, b, atol=atol, rtol=rtol)
         if atol is None and rtol is None:
             assert not result.identical
             continue
-        kwargs = {k: v for k, v in (("atol", atol), ("rtol", rtol)) if v is not None}
-        expected = bool(np.allclose(wa, wb, **kwargs))
+        numpy_rtol = 1e-5 if rtol is None else rtol
+        numpy_atol = atol if atol is not None else numpy_rtol * float(np.abs(wb).max())
+        expected = bool(np.allclose(wa, wb, rtol=numpy_rtol, atol=numpy_atol))
         assert result.identical == expected, (atol, rtol, result.differences)
         stats = result.groups["model"]
         assert stats.max_abs == pytest.approx(float(np.abs(wa - wb).max()))
         assert stats.differing == (0 if expected else 1)
     # The issue's case: rho in the hundreds, off by 1.5e-5 -> fails --atol 1e-5 --rtol 0,
-    # passes --rtol 1e-4 (atol numpy's 1e-8).
+    # passes --rtol 1e-4.
     assert not ckpt.compare_checkpoints(a, b, atol=1e-5, rtol=0.0).identical
     assert ckpt.compare_checkpoints(a, b, rtol=1e-4).identical
     assert tool_main(["diff", "--rtol", "1e-4", str(a), str(b)]) == 0
     assert tool_main(["diff", "--atol", "1e-5", "--rtol", "0", str(a), str(b)]) == 1
     with pytest.raises(ValueError, match="rtol must be a finite number >= 0"):
         ckpt.compare_checkpoints(a, b, rtol=-1.0)
+
+
+def test_rtol_alone_judges_near_zero_elements_on_the_tensors_scale(tmp_path: Path) -> None:
+    """What 1 process vs 2 ranks looks like: parameters of size ~0.3 whose float32 sums ran
+    in another order, so a parameter *difference* s = x1 - x0 that is near zero is off by an
+    ulp of 0.3 (~3e-8), a large relative error. numpy's fixed atol 1e-8 fails it; --rtol
+    alone judges it on the tensor's scale and passes; a real 1e-3 change still fails."""
+    gen = torch.Generator().manual_seed(3)
+    x0 = 0.3 + 0.01 * torch.randn(64, generator=gen)
+    x1 = x0 + 1e-6 * torch.randn(64, generator=gen)  # tiny steps: s ~ 1e-6
+    s = x1 - x0
+    s_other = (x1 + 3e-8) - x0  # the same, one float32 rounding apart
+    a = save_model(tmp_path / "a", linear_with(s.reshape(8, 8)))
+    b = save_model(tmp_path / "b", linear_with(s_other.reshape(8, 8)))
+    assert ckpt.compare_checkpoints(a, b, rtol=1e-4, atol=1e-8).identical is False
+    assert ckpt.compare_checkpoints(a, b, rtol=1e-1).identical  # scale ~1e-6 -> floor 1e-7
+    big = save_model(tmp_path / "big", linear_with(torch.cat([x0[:56], s[:8]]).reshape(8, 8)))
+    big_other = save_model(tmp_path / "big_other",
+                           linear_with(torch.cat([x0[:56], s_other[:8]]).reshape(8, 8)))
+    assert ckpt.compare_checkpoints(big, big_other, rtol=1e-4).identical  # scale 0.3
+    changed = save_model(tmp_path / "changed",
+                         linear_with(torch.cat([x0[:56] + 1e-3, s[:8]]).reshape(8, 8)))
+    assert not ckpt.compare_checkpoints(big, changed, rtol=1e-4).identical
 
 
 def test_nan_matches_nan_inf_matches_only_inf(tmp_path: Path) -> None:

@@ -262,8 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "|a-b| <= atol + rtol*|b|; given alone, rtol is numpy's 1e-5 "
                         "(default: bitwise)")
     p.add_argument("--rtol", type=float, default=None,
-                   help="relative tolerance (relative to B); given alone, atol is numpy's "
-                        "1e-8 (default: bitwise)")
+                   help="relative tolerance (relative to B); given alone, atol is rtol "
+                        "times the entry's largest |b| (float rounding follows the tensor's "
+                        "scale), give --atol too for numpy's exact rule (default: bitwise)")
     p.add_argument("--rng", action="store_true", help="also compare per-rank RNG states")
     p.set_defaults(func=cmd_diff)
     p = sub.add_parser("export", help="write the model weights as a torch state dict")

@@ -13,10 +13,16 @@ run configuration (it names the run directory). It is reported apart and never c
 difference.
 
 Tolerances follow ``numpy.allclose``: an element matches when ``|a - b| <= atol + rtol·|b|``;
-the tolerance not given takes numpy's default (``atol=1e-8``, ``rtol=1e-5``); NaN matches NaN
-and an infinity matches only the same infinity. Without ``atol`` and
-``rtol`` floating values are compared bit for bit (any NaN still matches any NaN: the
-optimizer's diagnostics are NaN when undefined). Integers and booleans are always exact.
+NaN matches NaN and an infinity matches only the same infinity. Given ``atol`` alone, ``rtol``
+is numpy's default 1e-5. Given ``rtol`` alone, the absolute floor ``atol`` is ``rtol`` times
+the largest ``|b|`` of the entry (of the whole tensor): float rounding in a sum is relative to
+the sum's scale, not to each element, so the elements of a tensor that happen to be near zero
+(a parameter difference ``s``, a momentum buffer) are judged on the tensor's scale. That is
+what makes ``--rtol 1e-4`` say "1 process and 2 ranks agree" when they differ only by the
+order of float32 sums; numpy's fixed default ``atol=1e-8`` fails such elements at random.
+Give both for numpy's exact rule. Without ``atol`` and ``rtol`` floating values are compared
+bit for bit (any NaN still matches any NaN: the optimizer's diagnostics are NaN when
+undefined). Integers and booleans are always exact.
 """
 
 from __future__ import annotations
@@ -36,8 +42,8 @@ from .tree import LazyTensor, flatten
 RUN_METADATA_EXTRA_KEYS: tuple[str, ...] = ("elapsed_seconds", "final")
 #: Groups of training-state entries, in the order the summary names them.
 STATE_GROUPS: tuple[str, ...] = ("model", "optimizer", "scheduler", "extra", "rng")
-#: numpy.allclose's defaults, used for the tolerance that is not given.
-NUMPY_ATOL, NUMPY_RTOL = 1e-8, 1e-5
+#: numpy.allclose's default rtol, used when only atol is given.
+NUMPY_RTOL = 1e-5
 _BIT_INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -48,7 +54,7 @@ class Tolerance:
     Use :meth:`from_options`; ``Tolerance()`` is bitwise comparison.
 
     Args:
-        atol: absolute tolerance (>= 0); ``None`` with ``rtol`` ``None``: bitwise.
+        atol: absolute tolerance (>= 0); ``None``: bitwise, or (with ``rtol``) scaled.
         rtol: relative tolerance (>= 0), relative to the second checkpoint's value.
     """
 
@@ -57,8 +63,8 @@ class Tolerance:
 
     @classmethod
     def from_options(cls, *, atol: float | None, rtol: float | None) -> Tolerance:
-        """Bitwise when both are ``None``; otherwise the one not given takes numpy's default
-        (``atol=1e-8``, ``rtol=1e-5``), exactly as ``numpy.allclose(a, b, rtol=..., atol=...)``.
+        """Bitwise when both are ``None``; ``atol`` alone: ``rtol`` is numpy's 1e-5; ``rtol``
+        alone: the absolute floor is ``rtol`` × the entry's largest ``|b|`` (:meth:`floor`).
 
         Raises:
             ValueError: a tolerance is negative or not finite.
@@ -68,16 +74,23 @@ class Tolerance:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if atol is None and rtol is None:
             return cls()
-        return cls(atol=NUMPY_ATOL if atol is None else float(atol),
+        return cls(atol=None if atol is None else float(atol),
                    rtol=NUMPY_RTOL if rtol is None else float(rtol))
 
     @property
     def bitwise(self) -> bool:
         return self.atol is None and self.rtol is None
 
+    def floor(self, scale: float) -> float:
+        """The absolute tolerance for an entry whose largest finite ``|b|`` is ``scale``."""
+        assert self.rtol is not None
+        return self.rtol * scale if self.atol is None else self.atol
+
     def describe(self) -> str:
         if self.bitwise:
             return "bitwise"
+        if self.atol is None:
+            return f"within rtol={self.rtol:g}, atol = rtol × each entry's largest |b|"
         return f"within atol={self.atol:g}, rtol={self.rtol:g}"
 
 
@@ -173,7 +186,9 @@ def _float_diff(a: torch.Tensor, b: torch.Tensor, tol: Tolerance
         differ = bits_differ & ~(torch.isnan(fa) & torch.isnan(fb))
     else:
         finite = torch.isfinite(fa) & torch.isfinite(fb)
-        bound = tol.atol + tol.rtol * fb.abs()  # type: ignore[operator]
+        finite_b = fb.abs()[torch.isfinite(fb)]
+        scale = float(finite_b.max()) if finite_b.numel() else 0.0
+        bound = tol.floor(scale) + tol.rtol * fb.abs()  # type: ignore[operator]
         differ = ~equal & (~finite | (delta > bound))
     if delta.numel() == 0:
         return 0, 0.0, 0.0
@@ -212,7 +227,7 @@ def compare_values(a: Any, b: Any, tol: Tolerance) -> tuple[str | None, float, f
         delta = abs(a - b) if math.isfinite(a - b) else math.inf
         rel = delta / abs(b) if b else math.inf
         if not tol.bitwise and math.isfinite(a) and math.isfinite(b) and \
-                delta <= tol.atol + tol.rtol * abs(b):  # type: ignore[operator]
+                delta <= tol.floor(abs(b)) + tol.rtol * abs(b):  # type: ignore[operator]
             return None, delta, rel
         return f"{a!r} vs {b!r}", delta, rel
     return (None if (type(a) is type(b) and a == b) else f"{a!r} vs {b!r}"), 0.0, 0.0
