@@ -12,10 +12,11 @@ from .comm import GradientReducer, LocalCommunicator, init_communicator
 from .config import MLBFGSConfig
 from .optimizer import MLBFGS
 from .partition import Ownership, linear_partition
+from .seeding import seed_everything
 
 __all__ = [
     "MLBFGS", "MLBFGSConfig", "ParamBlock", "build_blocks", "blocks_from_parameters",
     "GradientReducer", "LocalCommunicator", "init_communicator", "Ownership",
-    "linear_partition",
+    "linear_partition", "seed_everything",
 ]
 __version__ = "0.1.0"

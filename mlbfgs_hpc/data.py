@@ -200,7 +200,7 @@ def _resolve_idx(root: str, stem: str) -> str:
         f"Fashion-MNIST file {os.path.join(root, stem + '.gz')} not found (nor the un-gzipped "
         f"{stem}). Install the Debian package '{FASHION_MNIST_PACKAGE}' "
         f"(apt-get install {FASHION_MNIST_PACKAGE}), which puts the files in "
-        f"{FASHION_MNIST_ROOT}, or pass root= the directory that holds them."
+        f"{FASHION_MNIST_ROOT}, or pass root= (mlbfgs-train --data-root) the directory that holds them."
     )
 
 

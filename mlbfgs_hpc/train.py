@@ -31,12 +31,16 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
+from . import cli, runconfig
 from .blocks import build_blocks
+from .cli import UsageError
 from .comm import GRAD_BACKENDS, GradientReducer, LocalCommunicator, init_communicator
 from .config import CLIP_MODES, GAMMA_MODES, H0_MODES, PRECONDITION_MODES, MLBFGSConfig
 from .data import DATASET_NAMES, DatasetSplit, GlobalBatchSampler, load_dataset, shard_bounds
 from .models import MODEL_NAMES, SEQUENCE_MODELS, build_model
 from .optimizer import MLBFGS
+from .rundir import RunDirBusyError, hold_run_dir
+from .seeding import seed_everything
 from .signals import EXIT_OK, EXIT_REQUEUE, StopRequest, process_age_seconds
 
 logger = logging.getLogger("mlbfgs_hpc.train")
@@ -47,14 +51,9 @@ DEFAULT_LR = {"mlbfgs": 0.1, "sgd": 0.05, "adam": 1e-3, "lbfgs": 0.1}
 _DEFAULTS = MLBFGSConfig()
 
 
-class UsageError(ValueError):
-    """A command-line value that cannot work here (``main`` reports it and exits 2, like
-    argparse, instead of a traceback)."""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mlbfgs-train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = cli.ArgumentParser(
+        prog="mlbfgs-train", formatter_class=cli.HelpFormatter,
         description="Train a model with mL-BFGS (or a baseline) on one process or many MPI "
                     "ranks. With no arguments: a short Fashion-MNIST run of the small CNN.")
     a = p.add_argument
@@ -140,19 +139,23 @@ def main(argv: list[str] | None = None) -> int:
     IGNORED on return, so that a warning arriving once the exit code is decided (during the
     seconds of interpreter, Horovod and MPI shutdown) cannot turn 0 or 99 into 138. Embedders
     wanting their handlers back use :meth:`Trainer.run`, which restores them.
+    Exit code 2 (one line from rank 0): a bad flag value, missing data, a busy run directory.
     """
     args = build_parser().parse_args(argv)
+    if not cli.train_args_ok(args):
+        return 2
     stop = StopRequest()
     try:
         comm = init_communicator()
         _setup_logging(comm.rank)
         try:
-            return Trainer(args=args, comm=comm).run(stop=stop)
+            with hold_run_dir(args.run_dir, comm):
+                return Trainer(args=args, comm=comm).run(stop=stop)
         except ckpt.CheckpointError as exc:
             logger.error("%s", exc)
             return 1
-        except UsageError as exc:
-            logger.error("%s", exc)
+        except (UsageError, RunDirBusyError) as exc:
+            cli.print_usage_error("mlbfgs-train", str(exc), rank=comm.rank)
             return 2
     finally:
         # Not the listener: Python resets its own handlers to the default action while it
@@ -227,9 +230,12 @@ class Trainer:
 
         self.train_set = self._load("train").to(self.device)
         self.test_set = self._load("test").to(self.device)
-        self.sampler = GlobalBatchSampler(
-            dataset_size=len(self.train_set), global_batch_size=args.batch_size,
-            seed=args.seed, rank=comm.rank, world_size=comm.size)
+        try:
+            self.sampler = GlobalBatchSampler(
+                dataset_size=len(self.train_set), global_batch_size=args.batch_size,
+                seed=args.seed, rank=comm.rank, world_size=comm.size)
+        except ValueError as exc:  # e.g. a global batch larger than the training set
+            raise UsageError(f"--batch-size {args.batch_size}: {exc}") from exc
         steps_per_epoch = self.sampler.batches_per_epoch
         self.total_steps = (args.steps if args.steps is not None
                             else max(1, round(args.epochs * steps_per_epoch)))
@@ -241,7 +247,7 @@ class Trainer:
         #: Loss terms per sample: 1 per image, one per position of a token sequence.
         self.targets_per_sample = self.train_set.targets_per_sample
 
-        torch.manual_seed(args.seed)
+        seed_everything(args.seed)  # torch, CUDA, numpy, random: the same seed on every rank
         # Built on the CPU, then moved: the initial weights depend only on the seed, not on
         # the device, so a CPU and a GPU run start from the same point.
         self.model = build_model(args.model, in_shape=self.train_set.in_shape,
@@ -275,9 +281,12 @@ class Trainer:
         return options
 
     def _load(self, split: str) -> DatasetSplit:
-        return load_dataset(self.args.dataset, split=split,  # type: ignore[arg-type]
-                            root=self.args.data_root, seed=self.args.seed,
-                            synthetic_size=self.args.synthetic_size)
+        try:
+            return load_dataset(self.args.dataset, split=split,  # type: ignore[arg-type]
+                                root=self.args.data_root, seed=self.args.seed,
+                                synthetic_size=self.args.synthetic_size)
+        except (OSError, ValueError, ImportError) as exc:  # missing or unreadable input data
+            raise UsageError(f"--dataset {self.args.dataset}: {exc}") from exc
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         a = self.args
@@ -305,8 +314,10 @@ class Trainer:
         return torch.optim.LBFGS(params, lr=self.lr, max_iter=1,
                                  history_size=a.history_size, line_search_fn=None)
 
-    def _build_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler | None:
+    def _build_scheduler(self, optimizer: torch.optim.Optimizer | None = None
+                         ) -> torch.optim.lr_scheduler.LRScheduler | None:
         a = self.args
+        optimizer = self.optimizer if optimizer is None else optimizer
         sched = torch.optim.lr_scheduler
         warmup = a.warmup_steps
         if warmup < 0 or warmup >= self.total_steps:
@@ -314,19 +325,19 @@ class Trainer:
                              f"steps), got {warmup}")
         main: sched.LRScheduler | None = None
         if a.schedule == "cosine":
-            main = sched.CosineAnnealingLR(self.optimizer, T_max=self.total_steps - warmup)
+            main = sched.CosineAnnealingLR(optimizer, T_max=self.total_steps - warmup)
         elif a.schedule == "step":
             step_size = a.step_size or max(1, (self.total_steps - warmup) // 3)
-            main = sched.StepLR(self.optimizer, step_size=step_size, gamma=a.gamma)
+            main = sched.StepLR(optimizer, step_size=step_size, gamma=a.gamma)
         if not warmup:
             return main
         # Linear warm-up from lr/warmup to lr over the first steps, then the main schedule
         # over the rest (large global batches need it: Goyal et al. 2017).
-        ramp = sched.LinearLR(self.optimizer, start_factor=1.0 / warmup, end_factor=1.0,
+        ramp = sched.LinearLR(optimizer, start_factor=1.0 / warmup, end_factor=1.0,
                               total_iters=warmup)
         if main is None:
             return ramp
-        return sched.SequentialLR(self.optimizer, schedulers=[ramp, main], milestones=[warmup])
+        return sched.SequentialLR(optimizer, schedulers=[ramp, main], milestones=[warmup])
 
     def _run_config(self) -> dict[str, Any]:
         return {**vars(self.args), "world_size": self.comm.size,
@@ -367,6 +378,10 @@ class Trainer:
         self._checkpointed_step = self.step
         logger.info("resumed from %s at step %d (written on %d ranks, now %d)",
                     loaded.path, self.step, loaded.world_size, self.comm.size)
+        runconfig.apply_on_resume(
+            loaded.config, self._run_config(), optimizer=self.optimizer,
+            scheduler=self.scheduler, step=self.step, total_steps=self.total_steps,
+            lr=self.lr, build_scheduler=self._build_scheduler, report=self.comm.rank == 0)
         if self.step >= self.total_steps:
             logger.info("the run in %s already reached its %d steps: evaluating only (pass "
                         "--resume never or another --run-dir to train again)",

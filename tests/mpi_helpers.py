@@ -4,7 +4,6 @@ and the "distributed result equals single-process result" comparison."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import subprocess
 import sys
@@ -13,23 +12,14 @@ from types import ModuleType
 
 import torch
 
+from tools.bench import common as bench_common
+
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 SCRIPTS = REPO / "tests" / "mpi_scripts"
-
-
-def mpi_env(**extra: str) -> dict[str, str]:
-    """Environment for ``mpirun`` as root, oversubscribed on a small machine."""
-    env = dict(os.environ)
-    env.update({
-        "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-        "OMPI_MCA_rmaps_base_oversubscribe": "1", "OMP_NUM_THREADS": "1",
-        # Oversubscribed ranks must yield the CPU while they wait, or they starve each other.
-        "OMPI_MCA_mpi_yield_when_idle": "1",
-        "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
-    })
-    env.update(extra)
-    return env
+#: Environment for ``mpirun`` as root, oversubscribed on a small machine, this checkout first
+#: on PYTHONPATH: the one the benchmarks use too.
+mpi_env = bench_common.mpi_env
 
 
 def mpirun(np: int, args: list[str], *, timeout: float = 240,

@@ -1,4 +1,4 @@
-"""Pytest fixtures for a namespace multi-host cluster (``tools/netns_cluster.py``).
+"""Pytest fixtures for a namespace multi-host cluster (``tools/netns``).
 
 ``managed_cluster`` brings a cluster up and guarantees it goes away: on normal exit, on a
 failing test, on Ctrl-C (pytest runs fixture finalizers on KeyboardInterrupt), on SIGTERM or
@@ -18,7 +18,7 @@ Set ``NETNS_CLUSTER_PREFIX`` to choose the prefix (default ``mlbt<pid>``).
 from __future__ import annotations
 
 import atexit
-import importlib.util
+import importlib
 import logging
 import os
 import re
@@ -37,21 +37,14 @@ import pytest
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-_TOOL_PATH = REPO_ROOT / "tools" / "netns_cluster.py"
 _STALE_RE = re.compile(r"^mlbt([0-9]+)[a-z]*-(?:n[0-9]+|br)$")
 
 
 def _load_tool() -> ModuleType:
-    # tools/ is not a package; load the module by path without putting tools/ on sys.path.
-    name = "netns_cluster"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, _TOOL_PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses need the module registered while executing
-    spec.loader.exec_module(module)
-    return module
+    # The source tree's tools/netns, also in child pythons that only have tests/ on their path.
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    return importlib.import_module("tools.netns")
 
 
 netns_cluster_mod = _load_tool()

@@ -29,19 +29,15 @@ import torch
 
 from mlbfgs_hpc import MLBFGS, LocalCommunicator, build_blocks
 from mlbfgs_hpc import checkpoint as ckpt
+from tests.ckpt_helpers import TOOL, Stateful, flip_byte_in_dataset, tool_main
 from tests.mpi_helpers import load_module
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "mpi_scripts" / "ckpt_worker.py"
-TOOL = REPO / "tools" / "mlbfgs_ckpt.py"
 PYTHON = sys.executable
 
 
 worker = load_module("ckpt_worker", WORKER)
-try:  # installed as a package by setup.cfg; fall back to the source tree
-    from mlbfgs_hpc_tools.mlbfgs_ckpt import main as tool_main
-except ImportError:
-    tool_main = load_module("mlbfgs_ckpt", TOOL).main
 
 
 def params_npz(out: Path) -> dict[str, np.ndarray]:
@@ -139,15 +135,6 @@ def run_copy(mlbfgs_ckpt: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(mlbfgs_ckpt, tmp_path / "run"))
 
 
-def flip_byte_in_dataset(file: Path, dataset: str) -> None:
-    """Flip one byte inside the stored data of ``dataset`` (not in HDF5 metadata)."""
-    with h5py.File(file, "r") as f:
-        offset = f[dataset].id.get_chunk_info(0).byte_offset
-    with file.open("r+b") as fh:
-        fh.seek(offset + 3)
-        byte = fh.read(1)
-        fh.seek(offset + 3)
-        fh.write(bytes([byte[0] ^ 0xFF]))
 
 
 # ---- bit-identical resume ------------------------------------------------------------------------
@@ -200,16 +187,6 @@ def test_nested_state_round_trip_without_pickle(tmp_path: Path, monkeypatch: pyt
     """Odd-but-legal state: int/tuple keys, NaN, None, bf16/bool/empty/0-d tensors, '/' keys;
     saving and loading must never call pickle (or torch.save/torch.load)."""
 
-    class Stateful:  # any object with state_dict/load_state_dict can ride as "scheduler"
-        def __init__(self, state: Any) -> None:
-            self.state = state
-
-        def state_dict(self) -> Any:
-            return self.state
-
-        def load_state_dict(self, state: Any) -> None:
-            self.state = state
-
     state = {"ints": {0: torch.arange(3), 7: None}, (1, "a"): [1.5, float("nan"), -math_inf()],
              "a/b": torch.tensor(2.5, dtype=torch.bfloat16), "mask": torch.tensor([True, False]),
              "empty": torch.zeros(0, 3), "scalar": torch.tensor(3, dtype=torch.int64),
@@ -234,6 +211,31 @@ def math_inf() -> float:
     return float("inf")
 
 
+# ---- files written by earlier versions ------------------------------------------------------
+LEGACY = REPO / "tests" / "data" / "legacy-0.1.0"
+
+
+def test_checkpoint_written_by_0_1_0_still_loads() -> None:
+    """A 2-rank checkpoint written by the single-module checkpoint code of 0.1.0 (see
+    tests/data/make_legacy_checkpoint.py) verifies and loads, on 1 rank, bit for bit."""
+    legacy = load_module("make_legacy_checkpoint", LEGACY.parent / "make_legacy_checkpoint.py")
+    expected = json.loads((LEGACY / "expected.json").read_text())
+    assert ckpt.verify_checkpoint(LEGACY) == []
+    model = legacy.build_model()
+    optimizer = MLBFGS(model.parameters(), blocks=build_blocks(model), lr=0.05, update_freq=2,
+                       history_size=2, comm=LocalCommunicator())
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+    loaded = ckpt.resume(LEGACY, model=model, optimizer=optimizer, comm=LocalCommunicator(),
+                         scheduler=scheduler)
+    assert loaded is not None and loaded.step == 6 and loaded.world_size == 2
+    assert loaded.extra == {"epoch": 0, "batch_index": 6}
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, torch.tensor(expected["params"][name])), name
+    for key, value in expected["counters"].items():
+        assert float(optimizer.counters[key]) == value, key
+    assert scheduler.get_last_lr() == expected["lr"]
+
+
 # ---- directory protocol ----------------------------------------------------------------------
 def test_layout_manifest_latest_and_keep(tmp_path: Path) -> None:
     model = make_bn_model()
@@ -253,7 +255,7 @@ def test_layout_manifest_latest_and_keep(tmp_path: Path) -> None:
         list(b.param_names) for b in optimizer.blocks]
     assert manifest["shards"][0]["blocks"] == [0, 1, 2]
     for name, info in manifest["files"].items():
-        assert ckpt._sha256(path / name) == info["sha256"]
+        assert ckpt.h5io.sha256_file(path / name) == info["sha256"]
         assert (path / name).stat().st_size == info["bytes"]
     # Every dataset is chunked with fletcher32; no pickled or opaque data anywhere.
     checked = 0
@@ -337,8 +339,8 @@ def test_auto_resume_skips_damaged_newest(run_copy: Path,
     assert int(optimizer.state_dict()["global"]["step"]) == 4
     infos = {i.step: i for i in ckpt.list_checkpoints(run_copy)}
     assert infos[4].valid and not infos[8].valid and infos[8].latest
-    # The tool resolves a run directory to the newest *valid* checkpoint as well.
-    assert tool_main(["verify", str(run_copy)]) == 0
+    # verify checks every checkpoint of a run: the damaged one fails it (exit 1).
+    assert tool_main(["verify", str(run_copy)]) == 1
 
 
 def test_missing_shard_error_names_the_file(run_copy: Path) -> None:
@@ -444,6 +446,8 @@ def test_tool_ls_show_verify(mlbfgs_ckpt: Path, capsys: pytest.CaptureFixture[st
     assert shown["blocks"][0]["rho_min"] <= shown["blocks"][0]["rho_max"]
 
     assert tool_main(["verify", str(mlbfgs_ckpt)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("OK: all 2 checkpoints ")
+    assert tool_main(["verify", str(mlbfgs_ckpt / "checkpoints" / "step-000008")]) == 0
     assert capsys.readouterr().out.startswith("OK ")
     assert tool_main(["verify", str(mlbfgs_ckpt / "nothing")]) == 1
 

@@ -32,11 +32,11 @@ import numpy as np
 import pytest
 
 from mlbfgs_hpc import checkpoint as ckpt
+from tests.ckpt_helpers import tool_main
 from tests.mpi_helpers import load_module, mpi_env
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "mpi_scripts" / "ckpt_worker.py"
-TOOL = REPO / "tools" / "mlbfgs_ckpt.py"
 PYTHON = sys.executable
 RTOL, ATOL = 1e-9, 1e-11
 
@@ -44,10 +44,6 @@ pytestmark = pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs mp
 
 
 worker = load_module("ckpt_worker_mpi", WORKER)
-try:  # installed as a package by setup.cfg; fall back to the source tree
-    from mlbfgs_hpc_tools.mlbfgs_ckpt import main as tool_main
-except ImportError:
-    tool_main = load_module("mlbfgs_ckpt_mpi", TOOL).main
 
 
 def mpirun(n: int, args: list[str], *, timeout: float = 150,

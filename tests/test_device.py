@@ -64,7 +64,7 @@ def test_cuda_without_cuda_raises_clearly(spec: str) -> None:
 
 
 def test_train_command_reports_a_bad_device_and_exits_2(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     previous = signal.getsignal(signal.SIGUSR1)
     try:
@@ -73,7 +73,8 @@ def test_train_command_reports_a_bad_device_and_exits_2(
     finally:  # main() leaves SIGUSR1 ignored, as a process exit path should
         signal.signal(signal.SIGUSR1, previous)
     assert code == 2
-    assert "--device must be" in caplog.text
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("mlbfgs-train: error: --device must be")
     assert not (tmp_path / "metrics.jsonl").exists()  # nothing started
 
 

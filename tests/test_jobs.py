@@ -274,6 +274,9 @@ def test_time_limit_signal_checkpoint_requeue_resume(
     assert step in checkpoint_steps(run_dir) and checkpoint_steps(run_dir)[-1] == CYCLE_STEPS
     steps = [r["step"] for r in read_metrics(run_dir) if r["event"] == "train"]
     assert steps == sorted(set(steps)), steps
+    # The run held its directory's lock (one writer per run dir) and the requeued instance
+    # took it again and resumed: the lock file names this job.
+    assert (run_dir / "run.lock").read_text().split()[2] == job_id
     compared = assert_same_final_state(reference, run_dir)
     restarts = len(re.findall(rf"job {job_id} start, restart count", out)) - 1
     print(f"  signal {first_signal:.1f} s after the start, checkpoint at step {step}, "

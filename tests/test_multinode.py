@@ -1,6 +1,6 @@
 """Multi-node for real: training, checkpoints, node loss and batch scripts across two hosts.
 
-The hosts are network namespaces (``tools/netns_cluster.py``, recipe in shared/MULTINODE.md):
+The hosts are network namespaces (``tools/netns``, recipe in shared/MULTINODE.md):
 each with its own host name, address and node-local scratch tmpfs; ranks on different hosts
 talk over TCP on a virtual cable, ranks on one host over shared memory; the file system
 outside the scratch path is shared, as on a cluster. 2 hosts x 2 ranks throughout.
@@ -13,7 +13,7 @@ outside the scratch path is shared, as on a cluster. 2 hosts x 2 ranks throughou
 * A run directory on node-local scratch is refused with an error naming the hosts and the
   path, fast, leaving no checkpoint (complete or partial) behind.
 * SLURM: one slurmd per host, ``sbatch -N 2 jobs/slurm_srun.sbatch`` launching the training
-  with ``srun --mpi=pmix`` on both hosts (``tools/netns_slurm.py``).
+  with ``srun --mpi=pmix`` on both hosts (``tools/netns/slurm.py``).
 * Node loss: ``python tools/netns_cluster.py demo`` kills every process of host 1 mid-run;
   mpirun must end non-zero within 30 s and the restart on host 0 resumes from the newest
   valid checkpoint and finishes. Lost: the steps since that checkpoint, nothing else.
@@ -24,7 +24,7 @@ the test; clusters are always torn down (``managed_cluster``).
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import re
@@ -37,7 +37,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -57,17 +56,7 @@ PY = sys.executable
 TOOL = REPO_ROOT / "tools" / "netns_cluster.py"
 
 
-def _load_by_path(name: str, path: Path) -> ModuleType:
-    # Like netns_fixture: tools/ modules are loaded by path, tools/ need not be a package.
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-netns_slurm = _load_by_path("netns_slurm", REPO_ROOT / "tools" / "netns_slurm.py")
+netns_slurm = importlib.import_module("tools.netns.slurm")
 ENV = {
     **os.environ,
     "OMPI_ALLOW_RUN_AS_ROOT": "1",

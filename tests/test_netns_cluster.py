@@ -328,9 +328,9 @@ def test_down_cli_cleans_crashed_run_and_is_idempotent() -> None:
     crash = textwrap.dedent(
         f"""
         import os, signal, sys
-        sys.path.insert(0, {str(REPO_ROOT / 'tools')!r})
-        import netns_cluster
-        netns_cluster.NetnsCluster(prefix={prefix!r}, scratch="/tmp/{prefix}-scr").up()
+        sys.path.insert(0, {str(REPO_ROOT)!r})
+        from tools.netns import NetnsCluster
+        NetnsCluster(prefix={prefix!r}, scratch="/tmp/{prefix}-scr").up()
         os.kill(os.getpid(), signal.SIGKILL)
         """
     )

@@ -4,11 +4,16 @@
 
     mlbfgs-ckpt ls RUN_DIR                 checkpoints: step, world size, size, valid or not
     mlbfgs-ckpt show CKPT [--json]         configuration, block table, per-block history stats
-    mlbfgs-ckpt verify CKPT                digests + every dataset's fletcher32; exit 1 if bad
-    mlbfgs-ckpt diff A B [--atol X]        exit 0 when every entry matches (bitwise by default)
+    mlbfgs-ckpt verify RUN_DIR             every checkpoint of the run (and which one a resume
+                                           would use); exit 1 if any is damaged
+    mlbfgs-ckpt verify CKPT | FILE.h5      one checkpoint, or one shard file
+    mlbfgs-ckpt diff A B [--atol X] [--rtol Y] [--rng]
+                                           exit 0 when the training state matches (bitwise
+                                           by default); run metadata is shown apart
     mlbfgs-ckpt export CKPT OUT.pt         model weights as a plain torch state dict
 
-Wherever ``CKPT`` is taken, a run directory works too and means its newest valid checkpoint.
+Wherever ``CKPT`` is taken (``show``, ``diff``, ``export``), a run directory works too and means
+its newest valid checkpoint; ``verify`` on a run directory checks every checkpoint.
 Exit codes: 0 success, 1 a problem or difference was found, 2 the input could not be read.
 This is a command line tool, so it prints to stdout; everything it reads goes through
 :mod:`mlbfgs_hpc.checkpoint` (the only place that touches HDF5).
@@ -30,11 +35,14 @@ import torch
 from mlbfgs_hpc.checkpoint import (
     CheckpointError,
     checkpoint_summary,
-    diff_checkpoints,
+    compare_checkpoints,
+    is_checkpoint_dir,
     list_checkpoints,
     model_state_dict,
     resolve_checkpoint,
     verify_checkpoint,
+    verify_file,
+    verify_run,
 )
 
 logger = logging.getLogger(__name__)
@@ -150,28 +158,71 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_problems(header: str, problems: Sequence[str]) -> None:
+    print(header)
+    for problem in problems:
+        print(f"  {problem}")
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
-    problems = verify_checkpoint(args.ckpt)
-    if problems:
-        print(f"INVALID: {len(problems)} problem(s) in {args.ckpt}")
-        for problem in problems:
+    path = Path(args.path)
+    if path.is_file():
+        problems = verify_file(path)
+        if problems:
+            _print_problems(f"INVALID: {len(problems)} problem(s) in {path}", problems)
+            return 1
+        alone = not (path.parent / "manifest.json").exists()
+        print(f"OK {path}: every dataset's fletcher32 checksum checks out" + (
+            " (no manifest beside it: size, sha256 and content not checked against one)"
+            if alone else "; size, sha256 and content match the manifest"))
+        return 0
+    if not path.exists() or is_checkpoint_dir(path) or path.name.startswith(".tmp-"):
+        problems = verify_checkpoint(path)
+        if problems:
+            _print_problems(f"INVALID: {len(problems)} problem(s) in {path}", problems)
+            return 1
+        print(f"OK {path}: manifest, sha256 digests, fletcher32 checksums and block table "
+              f"all check out")
+        return 0
+    return _verify_run(path)
+
+
+def _verify_run(run_dir: Path) -> int:
+    run = verify_run(run_dir)
+    for report in run.checkpoints:
+        status = ("incomplete (an interrupted write: resume ignores it, the next checkpoint "
+                  "removes it)" if not report.complete else "DAMAGED" if report.problems
+                  else "OK")
+        print(f"{report.path.name}  step {report.step}  {status}")
+        for problem in report.problems if report.complete else ():
             print(f"  {problem}")
+    complete = [c for c in run.checkpoints if c.complete]
+    if run.resume_from is not None:
+        print(f"a resume would use {run.resume_from}")
+    if not complete:
+        print(f"INVALID: no checkpoints under {run_dir}")
         return 1
-    print(f"OK {resolve_checkpoint(args.ckpt)}: manifest, sha256 digests, fletcher32 "
-          f"checksums and block table all check out")
+    if run.damaged:
+        names = ", ".join(c.path.name for c in run.damaged)
+        print(f"INVALID: {len(run.damaged)} of {len(complete)} checkpoints damaged ({names})"
+              + ("" if run.resume_from else "; none left to resume from"))
+        return 1
+    print(f"OK: all {len(complete)} checkpoints of {run_dir} check out (manifest, sha256 "
+          f"digests, fletcher32 checksums, block table)")
     return 0
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    diffs, compared = diff_checkpoints(args.a, args.b, atol=args.atol, include_rng=args.rng)
-    how = "bitwise" if args.atol is None else f"within atol={args.atol:g}"
-    if diffs:
-        for line in diffs:
-            print(line)
-        print(f"{len(diffs)} of {compared} entries differ ({how})")
-        return 1
-    print(f"identical: {compared} entries match ({how})")
-    return 0
+    result = compare_checkpoints(args.a, args.b, atol=args.atol, rtol=args.rtol,
+                                 include_rng=args.rng)
+    for difference in result.differences:
+        print(difference)
+    if result.metadata:
+        print("run metadata (shown apart: never makes the exit code non-zero):")
+        for line in result.metadata:
+            print(f"  {line}")
+    print(result.summary())
+    return 0 if result.identical else 1
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -198,14 +249,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_show)
-    p = sub.add_parser("verify", help="check digests and every dataset; exit 1 on a problem")
-    p.add_argument("ckpt")
+    p = sub.add_parser("verify", help="check digests and every dataset of a checkpoint, of "
+                       "every checkpoint of a run, or of one shard file; exit 1 on a problem")
+    p.add_argument("path", help="a run directory (every checkpoint), a checkpoint directory, "
+                   "or one .h5 file of a checkpoint")
     p.set_defaults(func=cmd_verify)
     p = sub.add_parser("diff", help="compare two checkpoints entry by entry")
     p.add_argument("a")
     p.add_argument("b")
     p.add_argument("--atol", type=float, default=None,
-                   help="absolute tolerance for floating values (default: bitwise)")
+                   help="absolute tolerance for floating values, numpy.allclose semantics: "
+                        "|a-b| <= atol + rtol*|b|; given alone, rtol is numpy's 1e-5 "
+                        "(default: bitwise)")
+    p.add_argument("--rtol", type=float, default=None,
+                   help="relative tolerance (relative to B); given alone, atol is rtol "
+                        "times the entry's largest |b| (float rounding follows the tensor's "
+                        "scale), give --atol too for numpy's exact rule (default: bitwise)")
     p.add_argument("--rng", action="store_true", help="also compare per-rank RNG states")
     p.set_defaults(func=cmd_diff)
     p = sub.add_parser("export", help="write the model weights as a torch state dict")

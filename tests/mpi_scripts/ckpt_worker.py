@@ -79,7 +79,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 return
             (out / "at_manifest").write_text(str(tmp))
             time.sleep(120)
-        ckpt._BEFORE_MANIFEST_HOOK = pause
+        ckpt.write._BEFORE_MANIFEST_HOOK = pause
 
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)

@@ -2,7 +2,7 @@
 
 ::
 
-    python tools/bench_checkpoint.py [--ranks 1,4] [--repeats 3] [--disk-mb 1024] [--dir DIR]
+    python -m tools.bench checkpoint [--ranks 1,4] [--repeats 3] [--disk-mb 1024] [--dir DIR]
 
 Trains the MLP 784-256-128-10 (float32, 235 146 parameters) with mL-BFGS (history 10,
 update period 1, so the ring is full) for a few steps on synthetic data, then times
@@ -28,14 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from mlbfgs_hpc import MLBFGS, build_blocks, init_communicator
 from mlbfgs_hpc.checkpoint import load_checkpoint, save_checkpoint
 
-MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "OMPI_MCA_rmaps_base_oversubscribe": "1", "OMP_NUM_THREADS": "1",
-           # Oversubscribed ranks must yield the CPU while they wait, or they starve each other.
-           "OMPI_MCA_mpi_yield_when_idle": "1"}
+from . import common
 
 
 def disk_write_speed(directory: Path, megabytes: int) -> dict[str, float]:
@@ -111,7 +107,8 @@ def bench_world(directory: Path, *, steps: int, repeats: int) -> dict[str, Any] 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.bench checkpoint",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--ranks", default="1,4", help="comma-separated world sizes")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=12, help="training steps before saving")
@@ -143,10 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 report["runs"].append(bench_world(scratch, steps=args.steps,
                                                   repeats=args.repeats))
                 continue
-            cmd = [args.mpirun, "-np", str(p), sys.executable, str(Path(__file__).resolve()),
-                   "--worker", "--dir", str(scratch), "--steps", str(args.steps),
-                   "--repeats", str(args.repeats)]
-            subprocess.run(cmd, check=True, timeout=600, env={**os.environ, **MPI_ENV})
+            cmd = [args.mpirun, "-np", str(p), *common.module_command(
+                "checkpoint", "--worker", "--dir", str(scratch), "--steps", str(args.steps),
+                "--repeats", str(args.repeats))]
+            subprocess.run(cmd, check=True, timeout=600, env=common.mpi_env())
             report["runs"].append(json.loads((scratch / f"result-p{p}.json").read_text()))
         print(json.dumps(report, indent=1))
     finally:

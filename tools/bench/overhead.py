@@ -5,7 +5,7 @@ Whole iteration = the driver's own ``Trainer._train_step`` (index the batch, for
 backward, ``optimizer.step()``, read the loss back), on the same model, data and batch for
 every optimizer, one process. Protocol:
 
-1. Build one :class:`~bench_driver.BenchTrainer` per optimizer (same seed: same model, same
+1. Build one :class:`~driver.BenchTrainer` per optimizer (same seed: same model, same
    batches). Warm mL-BFGS up until its ring is full (``(m+1)·T`` steps with T = 50, m = 10:
    the first pair forms at 2T), so the timed steps apply H with the full 10 pairs.
 2. Repeat R times: for each optimizer, in an order rotated every repeat, time a window of
@@ -30,17 +30,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-
 from mlbfgs_hpc.comm import LocalCommunicator
 from mlbfgs_hpc.optimizer import MLBFGS
 
-try:
-    from . import bench_common as common
-    from .bench_driver import CURVATURE_PERIOD, OPTIMIZERS, BenchTrainer, make_args
-except ImportError:  # run as a script: python tools/bench.py
-    import bench_common as common  # type: ignore[no-redef]
-    from bench_driver import (  # type: ignore[no-redef]
-        CURVATURE_PERIOD, OPTIMIZERS, BenchTrainer, make_args)
+from . import common
+from .driver import CURVATURE_PERIOD, OPTIMIZERS, BenchTrainer, make_args
 
 logger = logging.getLogger(__name__)
 
@@ -238,3 +232,45 @@ def run(*, quick: bool, threads: int, configs: tuple[tuple[str, str, str], ...] 
                        for label, model, dataset in configs]}
     out["seconds"] = time.perf_counter() - start
     return out
+
+
+def plot(res: dict[str, Any], out: Path) -> list[Path]:
+    """``overhead.png``: iteration / SGD per optimizer, and the mL-BFGS step's pieces."""
+    plt = common.use_agg_backend()
+    configs = res["configs"]
+    fig, axes = plt.subplots(1, 2, figsize=(11.0, 3.8), dpi=90,
+                             gridspec_kw={"width_ratios": [1.0, 1.25]})
+    ax = axes[0]
+    opts = list(configs[0]["ratio_to_sgd"])
+    width = 0.8 / len(configs)
+    for i, cfg in enumerate(configs):
+        meds = [cfg["ratio_to_sgd"][o]["median"] for o in opts]
+        lo = [m - cfg["ratio_to_sgd"][o]["q1"] for m, o in zip(meds, opts)]
+        hi = [cfg["ratio_to_sgd"][o]["q3"] - m for m, o in zip(meds, opts)]
+        xs = [j + (i - (len(configs) - 1) / 2) * width for j in range(len(opts))]
+        ax.bar(xs, meds, width, yerr=[lo, hi], capsize=2, label=cfg["label"])
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.axhline(1.1, color="grey", lw=0.8, ls=":")
+    ax.set_xticks(range(len(opts)), opts)
+    ax.set_ylabel("whole iteration / SGD (median, IQR)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    ax = axes[1]
+    pieces = [p for p in configs[0]["breakdown_ms_per_step"] if p != "step total"]
+    totals = [c["breakdown_ms_per_step"]["step total"]["median"] for c in configs]
+    labels = [f"{c['label']}\nstep {t:.2f} ms\n(SGD step {c['sgd_step_ms']['median']:.2f} ms)"
+              for c, t in zip(configs, totals)]
+    lefts = [0.0] * len(configs)
+    for piece in pieces:
+        vals = [100 * c["breakdown_ms_per_step"][piece]["median"] / t
+                for c, t in zip(configs, totals)]
+        ax.barh(labels, vals, left=lefts, label=piece)
+        lefts = [a + b for a, b in zip(lefts, vals)]
+    ax.set_xlabel("share of the mL-BFGS step (%, medians)")
+    ax.tick_params(axis="y", labelsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    path = out / "overhead.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return [path]

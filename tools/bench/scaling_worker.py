@@ -1,6 +1,6 @@
 """One rank of the scaling benchmark: time the pieces of an mL-BFGS step on p ranks.
 
-Run by :mod:`bench_scaling` as ``mpirun -np P python tools/bench_scaling_worker.py --out F``
+Run by :mod:`scaling` as ``mpirun -np P python -m tools.bench.scaling_worker --out F``
 (or plain ``python`` for the one-process baseline). The model is a deep MLP on 8x8 inputs
 (``--depth`` hidden layers of ``--width``): many equal layers, so the blocks (one layer each)
 split evenly over ranks and the optimizer, not the forward pass, dominates the step.
@@ -21,20 +21,15 @@ import os
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-
 from mlbfgs_hpc import MLBFGS, build_blocks, init_communicator
 from mlbfgs_hpc.data import shard_bounds
 from mlbfgs_hpc.models import build_model
 
-try:  # run as a script from tools/ (under mpirun) or imported from the installed package
-    from bench_common import add_timer
-except ImportError:  # pragma: no cover
-    from mlbfgs_hpc_tools.bench_common import add_timer
+from .common import add_timer
 
 
 def _wrap(owner: Any, attr: str, sink: dict[str, float], key: str) -> None:

@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmark harness: statistics, timers, machine facts, result files.
+"""Shared pieces of the benchmarks: statistics, timers, machine facts, result files, and how
+a benchmark starts its own processes (``mpirun`` environment, ``python -m`` of a sibling).
 
 Every speed figure the harness reports is a *ratio against a baseline measured in the same
 run*, summarised by the median and the spread (quartiles and min/max) over repeats, because
@@ -16,12 +17,38 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
+
+#: The repository root (``tools/bench/common.py`` -> ``.``): on PYTHONPATH of every process a
+#: benchmark starts, so ``mlbfgs_hpc`` and ``tools.bench`` import from this checkout.
+REPO = Path(__file__).resolve().parents[2]
+
+
+def mpi_env(**extra: str) -> dict[str, str]:
+    """Environment for ``mpirun`` as root, oversubscribed (ranks yield the CPU while they
+    wait, or they starve each other), one thread per rank, this checkout importable."""
+    env = dict(os.environ)
+    env.update({
+        "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+        "OMPI_MCA_rmaps_base_oversubscribe": "1", "OMPI_MCA_mpi_yield_when_idle": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+    })
+    env.update(extra)
+    return env
+
+
+def module_command(name: str, *args: str) -> list[str]:
+    """``python -m <this package>.<name> ARGS``: a sibling benchmark module as a process
+    (under ``mpirun`` too); works for ``tools.bench`` and the installed
+    ``mlbfgs_hpc_tools.bench`` alike."""
+    return [sys.executable, "-m", f"{__package__}.{name}", *args]
 
 
 def summarize(values: Iterable[float]) -> dict[str, float]:

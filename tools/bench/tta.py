@@ -1,6 +1,6 @@
 """Time-to-accuracy: mL-BFGS against SGD-momentum, Adam, stochastic L-BFGS and Shampoo.
 
-Every run goes through the training driver (:class:`bench_driver.BenchTrainer`: the real
+Every run goes through the training driver (:class:`driver.BenchTrainer`: the real
 ``mlbfgs_hpc.train.Trainer``), global batch 128, cosine schedule over the run, one process
 with a fixed number of torch threads, and writes the driver's ``metrics.jsonl``; this module
 only schedules runs and reads those files back.
@@ -21,7 +21,7 @@ Protocol (the same budget for every optimizer):
 Time-to-accuracy is read at the first evaluation at or above the target, so its resolution
 is the evaluation period. Two clocks are reported: the runs' own training seconds (eval time
 excluded; noisy on a shared machine) and a *normalised* time = steps × the optimizer's
-median per-iteration time measured by :mod:`bench_overhead` in the same harness run (for
+median per-iteration time measured by :mod:`overhead` in the same harness run (for
 mL-BFGS its first 2T steps at the measured warm-up cost, the rest at the full-history cost).
 """
 
@@ -37,12 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-try:
-    from . import bench_common as common
-    from .bench_driver import OPTIMIZERS, make_args, run_training
-except ImportError:  # run as a script: python tools/bench.py
-    import bench_common as common  # type: ignore[no-redef]
-    from bench_driver import OPTIMIZERS, make_args, run_training  # type: ignore[no-redef]
+from . import common
+from .driver import OPTIMIZERS, make_args, run_training
 
 logger = logging.getLogger(__name__)
 

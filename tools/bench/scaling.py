@@ -1,7 +1,7 @@
 """Scaling over ranks: per-rank optimizer memory and step time against the ideal 1/p, and the
 two gradient backends (Horovod's fused allreduce vs one flat mpi4py ``Allreduce``).
 
-Launches :mod:`bench_scaling_worker` with ``mpirun -np p`` (plain ``python`` for p = 1, the
+Launches :mod:`scaling_worker` with ``mpirun -np p`` (plain ``python`` for p = 1, the
 embedded single-process path), every launch under ``timeout`` (a stalled Horovod job must not
 hang the harness). Rank counts beyond the machine's cores are oversubscribed: on a 2-core
 machine p = 4 is a *functional* point (it shows the memory split and that it runs), not a
@@ -18,56 +18,37 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-try:
-    from . import bench_common as common
-except ImportError:  # run as a script: python tools/bench.py
-    import bench_common as common  # type: ignore[no-redef]
+from . import common
 
 logger = logging.getLogger(__name__)
 
-WORKER = Path(__file__).resolve().parent / "bench_scaling_worker.py"
-REPO = Path(__file__).resolve().parents[1]
 #: (ranks, gradient backend); p = 1 runs without a launcher.
 CONFIGS: tuple[tuple[int, str], ...] = (
     (1, "local"), (2, "horovod"), (2, "mpi"), (4, "horovod"), (4, "mpi"))
 
 
-def mpi_env() -> dict[str, str]:
-    """Environment for mpirun as root, oversubscribed, one thread per rank."""
-    env = dict(os.environ)
-    env.update({
-        "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-        "OMPI_MCA_rmaps_base_oversubscribe": "1", "OMPI_MCA_mpi_yield_when_idle": "1",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
-    })
-    return env
-
-
 def launch(ranks: int, backend: str, out: Path, *, timed_steps: int,
            timeout: float) -> dict[str, Any]:
     """One launch; returns the worker's JSON (or an ``error`` entry)."""
-    worker_args = [str(WORKER), "--out", str(out), "--timed-steps", str(timed_steps),
-                   "--backend", "horovod" if backend == "local" else backend]
-    if ranks == 1:
-        cmd = [sys.executable, *worker_args]
-    else:
+    cmd = common.module_command("scaling_worker", "--out", str(out), "--timed-steps",
+                                str(timed_steps), "--backend",
+                                "horovod" if backend == "local" else backend)
+    if ranks > 1:
         mpirun = shutil.which("mpirun")
         if mpirun is None:
             return {"error": "mpirun not found"}
         timeout_bin = shutil.which("timeout")
-        cmd = [mpirun, "-np", str(ranks), sys.executable, *worker_args]
+        cmd = [mpirun, "-np", str(ranks), *cmd]
         if timeout_bin:  # belt and braces: the subprocess timeout below also applies
             cmd = [timeout_bin, "--kill-after=10", str(int(timeout)), *cmd]
     start = time.monotonic()
     try:
-        proc = subprocess.run(cmd, env=mpi_env(), capture_output=True, text=True,
-                              timeout=timeout + 30, cwd=REPO)
+        proc = subprocess.run(cmd, env=common.mpi_env(), capture_output=True, text=True,
+                              timeout=timeout + 30, cwd=common.REPO)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout} s: {' '.join(cmd)}"}
     if proc.returncode != 0 or not out.is_file():

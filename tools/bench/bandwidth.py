@@ -58,14 +58,10 @@ import time
 from typing import Any
 
 import torch
-
 from mlbfgs_hpc.config import MLBFGSConfig
 from mlbfgs_hpc.curvature import BlockCurvature
 
-try:
-    from . import bench_common as common
-except ImportError:  # run as a script: python tools/bench.py
-    import bench_common as common  # type: ignore[no-redef]
+from . import common
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +72,7 @@ BYTES_F32 = 4
 
 # ------------------------------------------------------------------------- measurements
 
-def _filled_curvature(n: int, m: int, *, dtype: torch.dtype, seed: int,
+def filled_curvature(n: int, m: int, *, dtype: torch.dtype, seed: int,
                       device: torch.device | str = "cpu") -> BlockCurvature:
     """A BlockCurvature whose ring has wrapped (m + 3 pairs offered) on a diagonal model.
 
@@ -85,7 +81,7 @@ def _filled_curvature(n: int, m: int, *, dtype: torch.dtype, seed: int,
     is filled on the CPU (same numbers on every machine) and copied to ``device``.
     """
     if torch.device(device).type != "cpu":
-        cpu = _filled_curvature(n, m, dtype=dtype, seed=seed)
+        cpu = filled_curvature(n, m, dtype=dtype, seed=seed)
         curv = BlockCurvature(numel=n, history_size=m, dtype=dtype, device=torch.device(device))
         curv.load_state_tensors(cpu.state_tensors())
         return curv
@@ -109,7 +105,7 @@ def check_compact_correctness(*, n: int = 100_000, histories: tuple[int, ...] = 
     """Relative error of the compact form against the two-loop, in float64 and float32."""
     rows = []
     for m in histories:
-        ref = _filled_curvature(n, m, dtype=torch.float64, seed=seed)
+        ref = filled_curvature(n, m, dtype=torch.float64, seed=seed)
         g = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
         loop64 = ref.two_loop_(g.clone())
         comp64 = ref.apply_inverse_hessian_(g.clone())
@@ -179,7 +175,7 @@ def two_loop_vs_bandwidth(*, sizes: tuple[int, ...], histories: tuple[int, ...],
     rows = []
     for m in histories:
         for n in sizes:
-            curv = _filled_curvature(n, m, dtype=torch.float32, seed=seed)
+            curv = filled_curvature(n, m, dtype=torch.float32, seed=seed)
             k = int(curv.count)
             g = torch.randn(n)
             q = g.clone()
@@ -286,3 +282,47 @@ def run(*, quick: bool, out_dir: Any) -> dict[str, Any]:
         row.update(stream_kernel_model_ms(row, result["stream"]))
     result["seconds"] = time.perf_counter() - start
     return result
+
+
+def plot(res: dict[str, Any], out: Path) -> list[Path]:
+    """Time per call against n, with the STREAM-kernel limit; and the fraction of it."""
+    plt = common.use_agg_backend()
+    for row in res["two_loop"]:
+        if "loop_model_ms" not in row:
+            row.update(stream_kernel_model_ms(row, res["stream"]))
+    fig, axes = plt.subplots(1, 2, figsize=(10.4, 3.9), dpi=90)
+    for m in sorted({r["history"] for r in res["two_loop"]}):
+        rows = [r for r in res["two_loop"] if r["history"] == m]
+        ns = [r["n"] for r in rows]
+        line, = axes[0].plot(ns, [r["loop_ms"]["median"] for r in rows], "o-",
+                             label=f"two-loop m={m}")
+        color = line.get_color()
+        axes[0].plot(ns, [r["compact_ms"]["median"] for r in rows], "s--", color=color,
+                     label=f"compact m={m}")
+        axes[0].plot(ns, [r["loop_model_ms"] for r in rows], ":", color=color, lw=1,
+                     label=f"two-loop at STREAM rates m={m}")
+        axes[1].plot(ns, [r["loop_fraction_of_model"] for r in rows], "o-", color=color,
+                     label=f"two-loop m={m}")
+        axes[1].plot(ns, [r["compact_fraction_of_model"] for r in rows], "s--", color=color,
+                     label=f"compact m={m}")
+    axes[0].set_xscale("log")
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("block size n (float32 parameters)")
+    axes[0].set_ylabel("ms per H·g (incl. d ← g)")
+    axes[0].legend(fontsize=6, ncol=1)
+    axes[1].axhline(1.0, color="k", lw=0.8)
+    axes[1].set_xscale("log")
+    axes[1].set_xlabel("block size n")
+    axes[1].set_ylabel("STREAM-kernel time / measured time")
+    st = res["stream"]
+    axes[1].set_title(f"1.0 = every kernel at its large-array rate (dot "
+                      f"{st['dot']['gbps']['median']:.0f}, axpy "
+                      f"{st['axpy_inplace']['gbps']['median']:.0f} GB/s)", fontsize=8)
+    axes[1].legend(fontsize=6)
+    for ax in axes:
+        ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    path = out / "bandwidth.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return [path]

@@ -1,10 +1,10 @@
-"""``python tools/bench_gpu.py``: the CUDA path of mlbfgs-hpc, measured on one GPU.
+"""``python -m tools.bench gpu``: the CUDA path of mlbfgs-hpc, measured on one GPU.
 
-Not a section of ``tools/bench.py`` (whose figures are this project's CPU machine): it needs
+Not a section of the CPU harness (whose figures are this project's CPU machine): it needs
 a GPU, and says so and exits 2 without one. One command, two measurements, every speed figure
 a ratio to a baseline timed in the same process:
 
-* **iteration** (``bench_overhead.measure_config`` with ``--device cuda``): whole training
+* **iteration** (``overhead.measure_config`` with ``--device cuda``): whole training
   iteration of mL-BFGS (history 10, T = 50, ring full) and Adam over SGD-momentum, same
   model, data and global batch 128, on the small CNN and on ResNet-18; plus the mL-BFGS step
   broken into its pieces, each timer synchronising the device.
@@ -17,7 +17,7 @@ a ratio to a baseline timed in the same process:
 
 ::
 
-    python tools/bench_gpu.py --out bench-gpu [--quick] [--data-root DIR]
+    python -m tools.bench gpu --out bench-gpu [--quick] [--data-root DIR]
 
 Writes ``results.json`` and ``summary.md`` into ``--out``.
 """
@@ -36,14 +36,9 @@ from typing import Any
 
 import torch
 
-try:
-    from . import bench_common as common
-    from . import bench_overhead
-    from .bench_bandwidth import BYTES_F32, _filled_curvature
-except ImportError:  # run as a script: python tools/bench_gpu.py
-    import bench_common as common  # type: ignore[no-redef]
-    import bench_overhead  # type: ignore[no-redef]
-    from bench_bandwidth import BYTES_F32, _filled_curvature  # type: ignore[no-redef]
+from . import common
+from . import overhead as bench_overhead
+from .bandwidth import BYTES_F32, filled_curvature
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +67,7 @@ def two_loop_rows(*, sizes: Sequence[int], repeats: int) -> list[dict[str, Any]]
     device = torch.device("cuda")
     rows = []
     for n in sizes:
-        curv = _filled_curvature(n, HISTORY, dtype=torch.float32, seed=11, device=device)
+        curv = filled_curvature(n, HISTORY, dtype=torch.float32, seed=11, device=device)
         k = int(curv.count)
         g = torch.randn(n, device=device)
         q = g.clone()
@@ -144,7 +139,8 @@ def summary_markdown(res: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m tools.bench gpu",
+                                description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="bench-gpu", help="output directory")
     p.add_argument("--quick", action="store_true", help="fewer repeats, T = 10")
@@ -170,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res: dict[str, Any] = {
-        "command": " ".join(["python", "tools/bench_gpu.py",
+        "command": " ".join(["python", "-m", "tools.bench", "gpu",
                              *(argv if argv is not None else sys.argv[1:])]),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,

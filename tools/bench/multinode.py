@@ -20,7 +20,7 @@ little about a real network, the ratios (TCP vs shared memory, bytes vs model si
 
 Usage (root)::
 
-    python tools/bench_multinode.py [--models cnn resnet18] [--iters 20] \\
+    python -m tools.bench multinode [--models cnn resnet18] [--iters 20] \\
         [--markdown out.md] [--json out.json]
 
 The same file is the per-rank worker (``... worker --out FILE``, started by mpirun).
@@ -41,9 +41,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import common
+
 logger = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
 MODELS: tuple[str, ...] = ("mlp", "cnn", "resnet18")
 # name: (ranks, hosts, extra mpirun args): --map-by node puts 1 rank on each host.
 LAYOUTS: dict[str, tuple[int, list[int], list[str]]] = {
@@ -133,10 +134,9 @@ def worker(models: Sequence[str], *, iters: int, warmup: int, out: Path) -> None
 
 # ---- driver ---------------------------------------------------------------------------------
 def _load_cluster_module() -> Any:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import netns_cluster
+    from .. import netns  # tools/netns: the namespace cluster
 
-    return netns_cluster
+    return netns
 
 
 def run_layouts(cluster: Any, *, models: Sequence[str], iters: int, warmup: int,
@@ -144,15 +144,16 @@ def run_layouts(cluster: Any, *, models: Sequence[str], iters: int, warmup: int,
     """Run the worker in each layout on ``cluster``; every model's record, tagged by layout."""
     env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
            "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(common.REPO), os.environ.get("PYTHONPATH", "")])}
     records: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-multinode-") as tmp:
         for layout in layouts:
             np, hosts, extra = LAYOUTS[layout]
             out = Path(tmp) / f"{len(records)}.jsonl"
             argv = cluster.mpirun_cmd(
-                np, [sys.executable, str(Path(__file__).resolve()), "worker", "--out", str(out),
-                     "--iters", str(iters), "--warmup", str(warmup), "--models", *models],
+                np, common.module_command("multinode", "worker", "--out", str(out),
+                                          "--iters", str(iters), "--warmup", str(warmup),
+                                          "--models", *models),
                 hosts=hosts, extra_args=extra, oversubscribe=np > len(hosts) * cluster.slots,
                 forward=["PYTHONPATH"], timeout_s=_RUN_TIMEOUT_S - 30)
             logger.info("layout %s: %d ranks on host(s) %s", layout, np, hosts)
@@ -200,7 +201,8 @@ def markdown(records: Sequence[dict[str, Any]], *, machine: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: ``worker`` (per rank) or the driver (default)."""
-    p = argparse.ArgumentParser(prog="bench_multinode.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.bench multinode",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("mode", nargs="?", choices=("run", "worker"), default="run")
     p.add_argument("--models", nargs="+", choices=MODELS, default=["cnn", "resnet18"])
     p.add_argument("--iters", type=int, default=20)

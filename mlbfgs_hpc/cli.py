@@ -1,0 +1,168 @@
+"""Command-line plumbing of ``mlbfgs-train``: usage errors as one line, ``--help`` without
+doubled defaults, and the checks of every flag value before anything starts.
+
+A value that cannot work (``--lr -1``, ``--history-size 0``, a ``--data-root`` that does not
+exist) ends the command with one line on stderr, printed by rank 0 only, naming the flag (or
+path) and what is allowed, and exit code 2, like argparse's own errors; never a traceback on
+every rank. Genuine internal errors are not :class:`UsageError` and keep their traceback.
+
+The checks run before MPI/Horovod start (ranks know their number from the launcher's
+environment), so a bad command line under ``mpirun``/``srun`` ends at once on every rank.
+A new flag gets its check by a line in :data:`FLAG_RULES` (or, for an mL-BFGS
+hyper-parameter, by being a field of :class:`~mlbfgs_hpc.config.MLBFGSConfig` with the same
+name as the flag's destination).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .config import MLBFGSConfig
+
+__all__ = ["UsageError", "HelpFormatter", "ArgumentParser", "launcher_rank",
+           "print_usage_error", "validate_train_args", "train_args_ok", "FLAG_RULES"]
+
+# Rank variables of the launchers comm.py recognises (Open MPI, PMIx/srun, MPICH/Hydra,
+# MVAPICH) and SLURM's own task id.
+_RANK_VARIABLES: tuple[str, ...] = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK",
+                                    "MV2_COMM_WORLD_RANK", "SLURM_PROCID")
+
+
+class UsageError(ValueError):
+    """A command-line value (or input path) that cannot work; reported as one line, exit 2."""
+
+
+def launcher_rank() -> int:
+    """This process's rank from the launcher's environment (0 without a launcher)."""
+    for name in _RANK_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def print_usage_error(prog: str, message: str, *, rank: int) -> None:
+    """``PROG: error: MESSAGE`` on stderr, from rank 0 only (the other ranks stay silent)."""
+    if rank == 0:
+        sys.stderr.write(f"{prog}: error: {message}\n")
+        sys.stderr.flush()
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds ``(default: X)`` to a flag's help only when it says something: not for ``None``
+    or ``False`` defaults, and not when the help text already describes its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("%(default)" in text or "default" in text.lower() or not action.option_strings
+                or action.default in (None, False, argparse.SUPPRESS)):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line from rank 0 (no usage block repeated by every
+    rank), then exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print_usage_error(self.prog, f"{message} (see {self.prog} --help)",
+                          rank=launcher_rank())
+        sys.exit(2)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value)
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or check(value)
+
+
+#: ``(destination, check, what is allowed)`` for every flag of mlbfgs-train with a range.
+FLAG_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("epochs", lambda v: _finite(v) and v > 0, "a number > 0"),
+    ("steps", _optional(lambda v: v >= 1), "an integer >= 1"),
+    ("batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("lr", _optional(lambda v: _finite(v) and v >= 0), "a finite number >= 0"),
+    ("step_size", _optional(lambda v: v >= 1), "an integer >= 1"),
+    ("gamma", lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    ("weight_decay", lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    ("block_size", _optional(lambda v: v >= 1), "an integer >= 1"),
+    ("seed", lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
+    ("checkpoint_every", lambda v: v >= 0, "an integer >= 0 (0: off)"),
+    ("checkpoint_minutes", lambda v: _finite(v) and v >= 0, "a number >= 0 (0: off)"),
+    ("keep", lambda v: v >= 1, "an integer >= 1"),
+    ("stop_after", lambda v: _finite(v) and v >= 0, "a number of seconds >= 0 (0: off)"),
+    ("step_sleep", lambda v: _finite(v) and v >= 0, "a number of seconds >= 0"),
+    ("log_every", lambda v: v >= 1, "an integer >= 1"),
+    ("eval_every", lambda v: v >= 0, "an integer >= 0 (0: every epoch)"),
+    ("synthetic_size", lambda v: v >= 1, "an integer >= 1"),
+    ("threads", _optional(lambda v: v >= 1), "an integer >= 1"),
+)
+
+
+def flag(dest: str) -> str:
+    """The command-line spelling of an argparse destination (``history_size`` ->
+    ``--history-size``)."""
+    return "--" + dest.replace("_", "-")
+
+
+def validate_train_args(args: argparse.Namespace) -> None:
+    """Check every ``mlbfgs-train`` value before anything starts.
+
+    Raises:
+        UsageError: the first bad value, naming its flag (or path) and what is allowed.
+    """
+    for dest, check, allowed in FLAG_RULES:
+        if hasattr(args, dest) and not check(getattr(args, dest)):
+            raise UsageError(f"{flag(dest)} must be {allowed}, got {getattr(args, dest)!r}")
+    optimizer = getattr(args, "optimizer", "mlbfgs")
+    if optimizer == "mlbfgs":
+        _check_mlbfgs_config(args)
+    elif optimizer == "sgd" and not (_finite(args.momentum) and args.momentum >= 0):
+        raise UsageError(f"--momentum must be a finite number >= 0, got {args.momentum!r}")
+    elif optimizer == "sgd" and args.nesterov and args.momentum == 0:
+        raise UsageError("--nesterov needs --momentum > 0")
+    elif optimizer == "lbfgs" and args.history_size < 1:
+        raise UsageError(f"--history-size must be an integer >= 1, got {args.history_size!r}")
+    data_root = getattr(args, "data_root", None)
+    if data_root is not None and not Path(data_root).is_dir():
+        raise UsageError(f"--data-root {data_root}: no such directory (it must hold the "
+                         f"Fashion-MNIST idx files)")
+    resume = getattr(args, "resume", "auto")
+    if resume not in ("auto", "never") and not Path(resume).exists():
+        raise UsageError(f"--resume {resume}: no such checkpoint or run directory (allowed: "
+                         f"'auto', 'never' or an existing path)")
+
+
+def train_args_ok(args: argparse.Namespace, *, prog: str = "mlbfgs-train") -> bool:
+    """:func:`validate_train_args`, reporting a bad value as one line from rank 0."""
+    try:
+        validate_train_args(args)
+    except UsageError as exc:
+        print_usage_error(prog, str(exc), rank=launcher_rank())
+        return False
+    return True
+
+
+def _check_mlbfgs_config(args: argparse.Namespace) -> None:
+    """The optimizer's own validation, with its argument names turned into flags."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(MLBFGSConfig)
+              if hasattr(args, f.name)}
+    try:
+        MLBFGSConfig(**values)
+    except ValueError as exc:
+        message = str(exc)
+        for name in sorted(values, key=len, reverse=True):
+            if message.startswith(name + " "):
+                message = flag(name) + message[len(name):]
+                break
+        raise UsageError(message) from None
