@@ -133,6 +133,10 @@ def validate_train_args(args: argparse.Namespace) -> None:
         raise UsageError("--nesterov needs --momentum > 0")
     elif optimizer == "lbfgs" and args.history_size < 1:
         raise UsageError(f"--history-size must be an integer >= 1, got {args.history_size!r}")
+    if optimizer != "mlbfgs" and getattr(args, "grad_reduce", None) == "reducescatter":
+        # The baselines read every gradient on every rank: only an allreduce serves them.
+        raise UsageError(f"--grad-reduce reducescatter needs --optimizer mlbfgs (the only one "
+                         f"that reads just the blocks a rank owns), not {optimizer}")
     data_root = getattr(args, "data_root", None)
     if data_root is not None and not Path(data_root).is_dir():
         raise UsageError(f"--data-root {data_root}: no such directory (it must hold the "

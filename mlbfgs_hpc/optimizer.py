@@ -10,11 +10,14 @@ Layout on p ranks (ownership from :mod:`mlbfgs_hpc.partition`)::
 
 Step on every rank (DESIGN.md §1–§2)::
 
-    gradients averaged (GradientReducer)          -> copy owned grads/params into flat buffers
+    gradients reduce-scattered to their owners    -> owned gradient/params into flat buffers
+      (GradientReducer; or allreduced)
     allgather(non-finite flag)                    -> skip the step everywhere if any rank saw one
     g = grad + wd·θ; EMA buffers; pairs at t = kT -> H·g (compact form) per owned block
     allgather(gᵀd, #curved blocks, counters)      -> identical guard ν on every rank
     outer momentum, lr per param group            -> Allgatherv(update)   -> θ ← θ − update
+                                                     (flat, or node-aware: one copy per host
+                                                      crosses the network; mlbfgs_hpc.comm)
 
 With one process the communicator is local and every collective is the identity.
 """
@@ -30,7 +33,15 @@ from typing import Any
 import torch
 
 from .blocks import ParamBlock, blocks_from_parameters
-from .comm import GRAD_BACKENDS, GradBackend, GradientReducer, LocalCommunicator, tensor_digest
+from .comm import (
+    GRAD_BACKENDS,
+    GRAD_REDUCE_MODES,
+    GradBackend,
+    GradientReducer,
+    GradReduce,
+    LocalCommunicator,
+    tensor_digest,
+)
 from .config import MLBFGSConfig, validate_group_hyperparameters
 from .curvature import BlockCurvature
 from .partition import Ownership
@@ -86,6 +97,14 @@ class MLBFGS(torch.optim.Optimizer):
             single process.
         grad_backend: ``"horovod"`` or ``"mpi"``: how gradients are averaged across ranks
             (ignored on one rank). ``None`` leaves the gradients alone (the caller averages).
+        grad_reduce: ``"reducescatter"`` (each rank receives only the average of the blocks
+            it owns: half the bytes of an allreduce, ``.grad`` is left unaveraged) or
+            ``"allreduce"`` (every rank receives the whole average in ``.grad``); see
+            :class:`~mlbfgs_hpc.comm.GradientReducer`.
+        node_aware: combine inside each host over shared memory first, so one copy per host
+            crosses the network, for the reduce-scatter and the update ``Allgatherv``.
+            ``None``: automatically, when more than one host runs and some host runs more
+            than one rank. The update is bit for bit the flat path's.
         param_names: names of the parameters for the Horovod collectives and checkpoints
             (taken from ``blocks`` when they carry names).
 
@@ -123,6 +142,8 @@ class MLBFGS(torch.optim.Optimizer):
         gamma_mode: str = "yy",
         comm: LocalCommunicator | None = None,
         grad_backend: GradBackend | None = "horovod",
+        grad_reduce: GradReduce = "reducescatter",
+        node_aware: bool | None = None,
     ) -> None:
         validate_group_hyperparameters(lr=lr, weight_decay=weight_decay)
         self.config = MLBFGSConfig(
@@ -136,6 +157,9 @@ class MLBFGS(torch.optim.Optimizer):
         if grad_backend is not None and grad_backend not in GRAD_BACKENDS:
             raise ValueError(
                 f"grad_backend must be one of {GRAD_BACKENDS} or None, got {grad_backend!r}")
+        if grad_reduce not in GRAD_REDUCE_MODES:
+            raise ValueError(
+                f"grad_reduce must be one of {GRAD_REDUCE_MODES}, got {grad_reduce!r}")
         self._constructing = True
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
         self._constructing = False
@@ -157,8 +181,11 @@ class MLBFGS(torch.optim.Optimizer):
         self._build_local_layout()
         self._reducer = (None if grad_backend is None else GradientReducer(
             comm=self.comm, named_params=list(zip(self.param_names, self._layout_params)),
-            backend=grad_backend))
+            backend=grad_backend, mode=grad_reduce, ownership=self.ownership,
+            node_aware=node_aware))
         self.grad_backend = grad_backend
+        self.grad_reduce = grad_reduce
+        self.node_aware = self.comm.resolve_node_aware(node_aware)
         logger.debug("rank %d owns blocks %s (%d of %d parameters)", self.comm.rank,
                      self.owned_blocks, self._owned_numel, self.ownership.total_numel)
 
@@ -442,15 +469,20 @@ class MLBFGS(torch.optim.Optimizer):
         }
 
         self._apply_outer_momentum(first=(t == 1))
-        self.comm.allgatherv_(self._update, self.ownership.counts, self.ownership.offsets)
+        self.comm.allgatherv_(self._update, self.ownership.counts, self.ownership.offsets,
+                              node_aware=self.node_aware)
         torch._foreach_sub_(self._layout_params, self._update_views)
         return loss
 
     def _gather_owned(self) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p)
-                 for p in self._owned_params]
-        if grads:
+        owned = None if self._reducer is None else self._reducer.owned_grad
+        if owned is not None:  # reduce-scatter: the averaged owned slice, already flat
+            self._grad.copy_(owned)
+        elif self._owned_params:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p)
+                     for p in self._owned_params]
             torch._foreach_copy_(self._grad_views, [g.reshape(-1) for g in grads])
+        if self._owned_params:
             torch._foreach_copy_(self._param_views, [p.reshape(-1) for p in self._owned_params])
 
     def _apply_weight_decay(self) -> None:

@@ -3,7 +3,7 @@
 The same command runs everywhere::
 
     mlbfgs-train                                   # embedded default: Fashion-MNIST, small CNN
-    mpirun -np 4 mlbfgs-train --run-dir runs/a     # 4 ranks, Horovod gradient allreduce
+    mpirun -np 4 mlbfgs-train --run-dir runs/a     # 4 ranks, gradients reduce-scattered
     srun --mpi=pmix -n 8 mlbfgs-train --run-dir runs/a --checkpoint-every 200
 
 Per step, every rank takes its shard of the same global batch (the order depends only on the
@@ -34,7 +34,13 @@ from . import checkpoint as ckpt
 from . import cli, runconfig
 from .blocks import build_blocks
 from .cli import UsageError
-from .comm import GRAD_BACKENDS, GradientReducer, LocalCommunicator, init_communicator
+from .comm import (
+    GRAD_BACKENDS,
+    GRAD_REDUCE_MODES,
+    GradientReducer,
+    LocalCommunicator,
+    init_communicator,
+)
 from .config import CLIP_MODES, GAMMA_MODES, H0_MODES, PRECONDITION_MODES, MLBFGSConfig
 from .data import DATASET_NAMES, DatasetSplit, GlobalBatchSampler, load_dataset, shard_bounds
 from .models import MODEL_NAMES, SEQUENCE_MODELS, build_model
@@ -46,6 +52,7 @@ from .signals import EXIT_OK, EXIT_REQUEUE, StopRequest, process_age_seconds
 logger = logging.getLogger("mlbfgs_hpc.train")
 
 OPTIMIZERS = ("mlbfgs", "sgd", "adam", "lbfgs")
+NODE_AWARE_CHOICES = {"auto": None, "on": True, "off": False}
 SCHEDULES = ("none", "cosine", "step")
 DEFAULT_LR = {"mlbfgs": 0.1, "sgd": 0.05, "adam": 1e-3, "lbfgs": 0.1}
 _DEFAULTS = MLBFGSConfig()
@@ -117,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
       help="'auto' (newest valid checkpoint in the run dir, if any), 'never', or a path")
     a("--grad-backend", choices=GRAD_BACKENDS, default="horovod",
       help="how gradients are averaged across ranks")
+    a("--grad-reduce", choices=GRAD_REDUCE_MODES, default=None,
+      help="mlbfgs: 'reducescatter' (default: each rank receives only the blocks it owns, "
+           "half the bytes) or 'allreduce'; the other optimizers always allreduce")
+    a("--node-aware", choices=NODE_AWARE_CHOICES, default="auto",
+      help="combine inside each host first so one copy per host crosses the network "
+           "(gradient reduce-scatter and update Allgatherv); 'auto': when a host runs "
+           "more than one rank of a multi-host job")
     a("--log-every", type=int, default=10, help="metrics.jsonl line every N steps")
     a("--eval-every", type=int, default=0, help="test-set evaluation every N steps "
                                                 "(0: at the end of every epoch)")
@@ -301,7 +315,8 @@ class Trainer:
                 precondition=a.precondition, curvature_shift=a.curvature_shift, h0=a.h0,
                 h0_beta=a.h0_beta, h0_eps=a.h0_eps, pair_snr=a.pair_snr,
                 gamma_mode=a.gamma_mode, comm=self.comm,
-                grad_backend=a.grad_backend)
+                grad_backend=a.grad_backend, grad_reduce=a.grad_reduce or "reducescatter",
+                node_aware=NODE_AWARE_CHOICES[a.node_aware])
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.reducer = self.comm.gradient_reducer(named, backend=a.grad_backend)
         params = [p for _, p in named]
