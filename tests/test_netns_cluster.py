@@ -111,6 +111,67 @@ def test_mpirun_cmd_validates_np_and_restricts_traffic_to_the_subnet() -> None:
         assert needle in script
 
 
+# ---- shaped links (tools/netns/shaping.py) -----------------------------------------------
+shaping = netns_cluster_mod.shaping
+
+
+def test_link_shape_arguments_and_tc_commands() -> None:
+    assert shaping.parse_rate("1gbit") == 1e9 and shaping.parse_rate("2.5mbit") == 2.5e6
+    for bad in ("1gbps", "fast", "0mbit", "-1gbit", 10):
+        with pytest.raises(ValueError, match="rate must look like"):
+            shaping.parse_rate(bad)
+    with pytest.raises(ValueError, match="delay must look like"):
+        shaping.LinkShape(delay="5 ms")
+    with pytest.raises(ValueError, match="give a rate, a delay or both"):
+        shaping.LinkShape()
+    with pytest.raises(ValueError, match="rate must look like"):
+        NetnsCluster(prefix="mlbtshape", link_rate="1GB")
+    # A rate alone: one tbf at the root, its bucket >= 1 ms at the rate and >= 128 KiB.
+    (tbf,) = shaping.tc_commands("eth0", shaping.LinkShape(rate="10gbit"))
+    assert tbf[:7] == ["tc", "qdisc", "replace", "dev", "eth0", "root", "handle"]
+    assert tbf[tbf.index("rate") + 1] == "10gbit"
+    assert int(tbf[tbf.index("burst") + 1]) == 10**10 // 8 // 1000
+    (tbf,) = shaping.tc_commands("p0", shaping.LinkShape(rate="100mbit"))
+    assert int(tbf[tbf.index("burst") + 1]) == 128 * 1024
+    # With a latency: netem at the root, the rate limiter under it.
+    netem, tbf = shaping.tc_commands("eth0", shaping.LinkShape(rate="1gbit", delay="100us"))
+    assert netem[netem.index("delay") + 1] == "100us" and "root" in netem
+    assert tbf[2] == "add" and tbf[tbf.index("parent") + 1] == "1:"
+    assert shaping.tc_commands("eth0", None) == [["tc", "qdisc", "del", "dev", "eth0", "root"]]
+
+
+def test_shaped_links_limit_the_rate_and_can_be_changed() -> None:
+    """100 Mbit/s on every cable end: tbf on each host's eth0 and bridge port, and a TCP
+    stream between the hosts never faster than the rate (an upper bound: load on the
+    machine can only slow it further)."""
+    require_netns()
+    with managed_cluster(hosts=2, slots=1, prefix=default_prefix() + "q",
+                         link_rate="100mbit") as cluster:
+        for h in cluster.hosts:
+            assert "tbf" in cluster.qdiscs(h.index) and "rate 100Mbit" in cluster.qdiscs(
+                h.index)
+        port = subprocess.run(["ip", "netns", "exec", cluster.bridge_netns, "tc", "qdisc",
+                               "show", "dev", "p1"], capture_output=True, text=True,
+                              timeout=HOST_CMD_TIMEOUT_S).stdout
+        assert "tbf" in port and "rate 100Mbit" in port
+        assert NetnsCluster.load(prefix=cluster.prefix).link.rate == "100mbit"
+        rates = [shaping.probe_throughput(cluster, src=s, dst=1 - s, nbytes=3 << 20)
+                 for s in (0, 1)]
+        assert all(1e6 < r <= 1.1e8 for r in rates), rates
+        # A latency needs netem: applied where the kernel has it, else a clear error that
+        # leaves the links as they were.
+        try:
+            cluster.shape(rate="100mbit", delay="1ms")
+        except netns_cluster_mod.ClusterError as exc:
+            assert "netem" in str(exc)
+            assert "rate 100Mbit" in cluster.qdiscs(0) and cluster.link.delay is None
+        else:
+            assert "netem" in cluster.qdiscs(0) and "delay 1" in cluster.qdiscs(0)
+        cluster.shape()  # unlimited again
+        assert "tbf" not in cluster.qdiscs(0) and cluster.link is None
+        assert NetnsCluster.load(prefix=cluster.prefix).link is None
+
+
 # ---- a running cluster ------------------------------------------------------------------
 def test_hosts_have_own_name_address_and_no_route_out(netns_cluster: Any) -> None:
     c = netns_cluster

@@ -27,7 +27,9 @@ name; with one name for every "host", Horovod's initialisation crashed inside Op
 Used as a library (``from tools.netns import NetnsCluster``, or ``mlbfgs_hpc_tools.netns``
 installed) by ``tests/netns_fixture.py`` and as a CLI::
 
-    python tools/netns_cluster.py up --hosts 2 --slots 2 [--scratch /scratch/local]
+    python tools/netns_cluster.py up --hosts 2 --slots 2 [--scratch /scratch/local] \
+        [--rate 1gbit] [--delay 100us]
+    python tools/netns_cluster.py shape --rate 10gbit   # or --off: change a running cluster
     python tools/netns_cluster.py status
     python tools/netns_cluster.py run [--host 1] -- hostname
     python tools/netns_cluster.py mpirun -np 4 -- hostname
@@ -47,6 +49,7 @@ The parts, one module each:
 ``cli``      the command line (``tools/netns_cluster.py`` is its entry script)
 ``demo``     the node-loss drill behind ``demo``
 ``slurm``    a real multi-node SLURM (one slurmd per host) on such a cluster
+``shaping``  links that cost something: ``tc`` rate (``tbf``) and latency (``netem``) per cable
 ===========  ==================================================================================
 
 Needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN), iproute2, util-linux (unshare, nsenter).
@@ -54,6 +57,7 @@ Needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN), iproute2, util-linux (unshare, nse
 
 from __future__ import annotations
 
+from . import shaping
 from .cluster import NetnsCluster
 from .system import (
     DEFAULT_PREFIX,
@@ -67,5 +71,5 @@ from .system import (
     teardown_prefix,
 )
 
-__all__ = ["NetnsCluster", "ClusterError", "Host", "teardown_prefix", "list_netns",
+__all__ = ["NetnsCluster", "shaping", "ClusterError", "Host", "teardown_prefix", "list_netns",
            "netns_pids", "default_state_dir", "SUBNET", "DEFAULT_PREFIX", "DEMO_PREFIX"]

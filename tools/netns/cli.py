@@ -43,6 +43,13 @@ def _parser() -> argparse.ArgumentParser:
         help="node-local tmpfs at this path on every host (default path /scratch/local)",
     )  # fmt: skip
     up.add_argument("--scratch-size", default="256m")
+    for sub_parser in (up, shape := sub.add_parser(
+            "shape", help="give every cable a rate and/or latency (tc), or none (--off)")):
+        sub_parser.add_argument("--rate", default=None,
+                                help="link rate per direction, a tc rate: 1gbit, 100mbit")
+        sub_parser.add_argument("--delay", default=None,
+                                help="one-way latency, e.g. 100us (needs the kernel's netem)")
+    shape.add_argument("--off", action="store_true", help="remove any shaping")
     sub.add_parser("down", help="remove the cluster and any leftovers with this prefix")
     sub.add_parser("status", help="print the cluster's state as JSON")
     run = sub.add_parser("run", help="run a command on one host")
@@ -111,6 +118,8 @@ def _main(args: argparse.Namespace) -> int:
             scratch=args.scratch,
             scratch_size=args.scratch_size,
             state_dir=args.state_dir,
+            link_rate=args.rate,
+            link_delay=args.delay,
         ).up()
         sys.stdout.write(json.dumps(cluster.status(), indent=2) + "\n")
         return 0
@@ -124,6 +133,12 @@ def _main(args: argparse.Namespace) -> int:
         return 0
     if args.command == "mpi-args":
         sys.stdout.write(shlex.join(cluster.mpi_options()) + "\n")
+        return 0
+    if args.command == "shape":
+        if args.off == (args.rate is not None or args.delay is not None):
+            _parser().error("shape: give --rate and/or --delay, or --off")
+        cluster.shape(rate=args.rate, delay=args.delay)
+        sys.stdout.write(json.dumps(cluster.status()["link"]) + "\n")
         return 0
     if args.command == "kill":
         killed = cluster.kill_host(args.index)

@@ -16,6 +16,7 @@ from typing import Any
 
 from . import mpi
 from .scripts import agent_script, holder_script
+from .shaping import LinkShape, explain_failure, tc_commands
 from .system import (
     ADDRESS_BASE,
     CMD_TIMEOUT_S,
@@ -56,6 +57,8 @@ class NetnsCluster:
         scratch: str | os.PathLike[str] | None = None,
         scratch_size: str = "256m",
         state_dir: str | os.PathLike[str] | None = None,
+        link_rate: str | None = None,
+        link_delay: str | None = None,
     ) -> None:
         """Describe a cluster (nothing is created until :meth:`up`).
 
@@ -71,6 +74,10 @@ class NetnsCluster:
             scratch_size: tmpfs ``size=`` of each host's scratch, e.g. ``256m``.
             state_dir: directory for the agent, hostfile, nodefile and state; defaults to
                 ``default_state_dir(prefix)``.
+            link_rate: rate of every cable, a ``tc`` rate such as ``1gbit`` (``None``:
+                unlimited); see :mod:`.shaping` and :meth:`shape`.
+            link_delay: one-way latency of every cable, e.g. ``100us`` (needs the kernel's
+                ``netem``); ``None``: none.
         """
         if not isinstance(hosts, int) or not 1 <= hosts <= MAX_HOSTS:
             raise ValueError(f"hosts must be an int in [1, {MAX_HOSTS}], got {hosts!r}")
@@ -85,6 +92,8 @@ class NetnsCluster:
         self.slots = slots
         self.prefix = prefix
         self.scratch_size = scratch_size
+        self.link = (LinkShape(rate=link_rate, delay=link_delay)
+                     if link_rate is not None or link_delay is not None else None)
         self.state_dir = (
             Path(state_dir).absolute() if state_dir is not None else default_state_dir(prefix)
         )
@@ -201,6 +210,8 @@ class NetnsCluster:
             run_cmd(["ip", "-n", h.netns, "addr", "add", f"{h.address}/24", "dev", "eth0"])
             run_cmd(["ip", "-n", h.netns, "link", "set", "lo", "up"])
             run_cmd(["ip", "-n", h.netns, "link", "set", "eth0", "up"])
+        if self.link is not None:
+            self._apply_shape(self.link)
         if self.scratch is not None:
             self._make_scratch_dir(self.scratch)
             self._write_state()
@@ -282,6 +293,7 @@ class NetnsCluster:
             "holder_pids": {str(k): v for k, v in self.holder_pids.items()},
             "created_dirs": self.created_dirs,
             "up_seconds": self.up_seconds,
+            "link": self.link.to_dict() if self.link is not None else None,
         }
         tmp = self.state_dir / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(state, indent=2) + "\n")
@@ -313,6 +325,8 @@ class NetnsCluster:
             scratch=state["scratch"],
             scratch_size=state["scratch_size"],
             state_dir=state["state_dir"],
+            link_rate=(state.get("link") or {}).get("rate"),
+            link_delay=(state.get("link") or {}).get("delay"),
         )
         cluster.holder_pids = {int(k): v for k, v in state["holder_pids"].items()}
         cluster.created_dirs = list(state["created_dirs"])
@@ -367,6 +381,40 @@ class NetnsCluster:
         :func:`.mpi.mpirun_cmd` for the options: env, forward, mca, extra_args, hostfile,
         hosts, oversubscribe, timeout_s, cwd)."""
         return mpi.mpirun_cmd(self, np, cmd, **options)
+
+    def shape(self, *, rate: str | None = None, delay: str | None = None) -> None:
+        """Give every cable this rate and/or latency (both ends), or none when both are
+        ``None``; takes effect at once on a running cluster.
+
+        Raises:
+            ValueError: a malformed rate or delay.
+            ClusterError: ``tc`` failed, e.g. a latency on a kernel without ``netem``.
+        """
+        link = None if rate is None and delay is None else LinkShape(rate=rate, delay=delay)
+        try:
+            self._apply_shape(link)
+        except ClusterError:
+            self._apply_shape(self.link)  # leave every cable as it was, not half-changed
+            raise
+        self.link = link
+        self._write_state()
+        logger.info("cluster %s links: %s", self.prefix, link or "unlimited")
+
+    def _apply_shape(self, link: LinkShape | None) -> None:
+        for h in self.hosts:
+            for netns, dev in ((h.netns, "eth0"), (self.bridge_netns, f"p{h.index}")):
+                # Start from no qdisc, so a rate-only shape never sits under an old netem.
+                run_cmd(["ip", "netns", "exec", netns, *tc_commands(dev, None)[0]], check=False)
+                for argv in tc_commands(dev, link) if link is not None else []:
+                    try:
+                        run_cmd(["ip", "netns", "exec", netns, *argv])
+                    except ClusterError as exc:
+                        raise explain_failure(exc, link) from exc
+
+    def qdiscs(self, index: int) -> str:
+        """``tc qdisc show`` of host ``index``'s cable end (``eth0``)."""
+        return run_cmd(["ip", "netns", "exec", self.host(index).netns, "tc", "qdisc", "show",
+                        "dev", "eth0"])
 
     def net_bytes(self, index: int) -> dict[str, int]:
         """Bytes and packets host ``index`` has sent and received on its cable (``eth0``).
@@ -440,5 +488,6 @@ class NetnsCluster:
             "hostfile": str(self.hostfile),
             "nodefile": str(self.nodefile),
             "up_seconds": self.up_seconds,
+            "link": self.link.to_dict() if self.link is not None else None,
             "hosts": hosts,
         }
