@@ -5,6 +5,8 @@
     python -m tools.bench [--quick] [--only SECTIONS] [--out DIR]   the CPU harness
     python -m tools.bench gpu --out DIR [--quick]                   the CUDA path on one GPU
     python -m tools.bench multinode [--iters N]                     2 namespace hosts (root)
+    python -m tools.bench netpaths [--rates none 1gbit]             gradient/update paths (root)
+    python -m tools.bench alphabeta measure|project                 alpha-beta fit, projection
     python -m tools.bench checkpoint [--ranks 1,4]                  checkpoint cost (JSON)
 
 (``python tools/bench ...`` is the same command.) Results, method and plots: BENCHMARKS.md.
@@ -24,5 +26,8 @@
 ``tta``            time to accuracy against SGD, Adam, L-BFGS and Shampoo
 ``gpu``            the CUDA path (iteration, H·g) on one GPU
 ``multinode``      cross-host communication cost on 2 namespace hosts
+``netpaths``       the gradient/update paths of a training step on shaped links: bytes per
+                   step per host and iteration time, old path vs new, alternating
+``alphabeta``      alpha-beta fit of the collectives on shaped links; projection to 1,024 ranks
 =================  ===========================================================================
 """

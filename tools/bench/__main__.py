@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 #: Stand-alone benchmarks: command -> module (each has ``main(argv) -> int``).
-COMMANDS: dict[str, str] = {"gpu": "gpu", "multinode": "multinode", "checkpoint": "checkpoint"}
+COMMANDS: dict[str, str] = {"gpu": "gpu", "multinode": "multinode", "checkpoint": "checkpoint",
+                            "netpaths": "netpaths", "alphabeta": "alphabeta"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

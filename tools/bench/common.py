@@ -44,6 +44,38 @@ def mpi_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def eth0_tx_bytes() -> int:
+    """Bytes this host has sent on its cable: inside a ``tools/netns`` host ``/sys`` is that
+    host's, and ``eth0`` its end of the cable (0 where there is no ``eth0``)."""
+    try:
+        return int(Path("/sys/class/net/eth0/statistics/tx_bytes").read_text())
+    except OSError:
+        return 0
+
+
+def time_collective(comm: Any, fn: Callable[[], None], *,
+                    iters: int) -> tuple[list[float], list[float]]:
+    """Time ``iters`` calls of a collective ``fn`` on every rank of ``comm`` (an
+    ``mlbfgs_hpc`` communicator), each call between barriers.
+
+    Returns:
+        Per call, the slowest rank's seconds; per host, the ``eth0`` bytes it sent per call
+        (each host counted once, by its local rank 0).
+    """
+    comm.barrier()
+    tx0 = eth0_tx_bytes() if comm.local_rank == 0 else None
+    times = []
+    for _ in range(iters):
+        comm.barrier()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    comm.barrier()
+    sent = (eth0_tx_bytes() - tx0) if tx0 is not None else None
+    per_host = [s / iters for s in comm.allgather_object(sent) if s is not None]
+    return [max(ts) for ts in zip(*comm.allgather_object(times))], per_host
+
+
 def module_command(name: str, *args: str) -> list[str]:
     """``python -m <this package>.<name> ARGS``: a sibling benchmark module as a process
     (under ``mpirun`` too); works for ``tools.bench`` and the installed

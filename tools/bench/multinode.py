@@ -57,30 +57,13 @@ _RUN_TIMEOUT_S = 600
 
 
 # ---- worker (one per rank, under mpirun) ------------------------------------------------------
-def _eth0_tx() -> int:
-    # Inside a namespace host /sys is that host's: eth0 is its end of the cable.
-    try:
-        return int(Path("/sys/class/net/eth0/statistics/tx_bytes").read_text())
-    except OSError:
-        return 0
-
-
 def _timed(comm: Any, fn: Any, *, iters: int, warmup: int) -> tuple[list[float], int]:
-    """Seconds per call of ``fn`` (rank 0's view, between barriers) and eth0 bytes sent by
-    all hosts during the timed calls (each host counted once, by its local rank 0)."""
+    """Seconds per call of ``fn`` (the slowest rank's, between barriers) and eth0 bytes sent
+    by all hosts during the timed calls (each host counted once, by its local rank 0)."""
     for _ in range(warmup):
         fn()
-    comm.barrier()
-    tx0 = _eth0_tx() if comm.local_rank == 0 else 0
-    times = []
-    for _ in range(iters):
-        comm.barrier()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    comm.barrier()
-    sent = (_eth0_tx() - tx0) if comm.local_rank == 0 else 0
-    return times, int(sum(comm.allgather_object(sent)))
+    times, per_host = common.time_collective(comm, fn, iters=iters)
+    return times, round(sum(per_host) * iters)
 
 
 def worker(models: Sequence[str], *, iters: int, warmup: int, out: Path) -> None:
