@@ -32,7 +32,15 @@ RUNS = {  # name: (ranks, extra args); 0 ranks = plain python, no launcher
     "p4_mpi": (4, ["--backend", "mpi"]),
     "single_nan": (0, ["--nan-step", "7"]),
     "p3_nan": (3, ["--nan-step", "7", "--backend", "mpi"]),
+    # The default gradient path is the reduce-scatter (node-aware off on one host); the others
+    # in one job: the allreduce, and the node-aware collectives forced on (one host: the
+    # intra-host steps alone, with an inter-host step among one leader).
+    "p4_paths": (4, ["--variants", "horovod:allreduce:off", "mpi:allreduce:off",
+                     "horovod:reducescatter:on", "mpi:reducescatter:on",
+                     "horovod:allreduce:on"]),
 }
+P4_PATHS = ["horovod-allreduce-off", "mpi-allreduce-off", "horovod-reducescatter-on",
+            "mpi-reducescatter-on", "horovod-allreduce-on"]
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +66,18 @@ def test_p_ranks_equal_single_process(runs: dict[str, Path], name: str) -> None:
     single = _records(runs["single"])[0]["counters"]
     for record in _records(runs[name]):
         assert record["counters"]["accepted_pairs"] == single["accepted_pairs"] > 0
+
+
+@pytest.mark.parametrize("path", P4_PATHS)
+def test_every_gradient_path_equals_single_process(runs: dict[str, Path], path: str) -> None:
+    run = runs["p4_paths"] / path
+    assert_same_params(_params(runs["single"]), _params(run), atol=ATOL)
+    single = _records(runs["single"])[0]["counters"]
+    for record in _records(run):
+        assert record["node_aware"] == path.endswith("-on")
+        assert record["grad_reduce"] == path.split("-")[1]
+        assert record["counters"] == single | {"last_nu": record["counters"]["last_nu"],
+                                               "last_gamma": record["counters"]["last_gamma"]}
 
 
 def test_horovod_and_mpi_backends_agree(runs: dict[str, Path]) -> None:

@@ -11,6 +11,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,14 +24,28 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=48)
     parser.add_argument("--backend", default="horovod")
+    parser.add_argument("--grad-reduce", default="reducescatter")
+    parser.add_argument("--node-aware", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument("--variants", nargs="*", default=None, metavar="BACKEND:REDUCE:NODE",
+                        help="train once per variant (e.g. mpi:reducescatter:on) in this one "
+                             "job, each from the same seed, into OUT/BACKEND-REDUCE-NODE")
     parser.add_argument("--update-freq", type=int, default=5)
     parser.add_argument("--nan-step", type=int, default=-1, help="poison rank 1's data here")
     parser.add_argument("--raise-on-rank", type=int, default=-1)
     parser.add_argument("--dtype", default="float64")
     args = parser.parse_args()
-    dtype = getattr(torch, args.dtype)
-
     comm = init_communicator()
+    if args.variants is None:
+        train(args, comm, args.backend, args.grad_reduce, args.node_aware, Path(args.out))
+        return
+    for variant in args.variants:
+        backend, reduce, node = variant.split(":")
+        train(args, comm, backend, reduce, node, Path(args.out) / f"{backend}-{reduce}-{node}")
+
+
+def train(args: argparse.Namespace, comm: Any, backend: str, grad_reduce: str, node: str,
+          out: Path) -> None:
+    dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(),
                                 torch.nn.Linear(32, 24), torch.nn.Tanh(),
@@ -39,7 +54,9 @@ def main() -> None:
     x_all = torch.randn(512, 16, generator=gen, dtype=dtype)
     y_all = (x_all[:, :4] * 3).argmax(1)
     optimizer = MLBFGS(model.parameters(), blocks=build_blocks(model), lr=0.05,
-                       update_freq=args.update_freq, comm=comm, grad_backend=args.backend)
+                       update_freq=args.update_freq, comm=comm, grad_backend=backend,
+                       grad_reduce=grad_reduce,
+                       node_aware={"auto": None, "on": True, "off": False}[node])
     timings: list[float] = []
     for step in range(args.steps):
         if step == 3 and comm.rank == args.raise_on_rank:
@@ -58,10 +75,14 @@ def main() -> None:
         optimizer.step()
         timings.append(time.perf_counter() - start)
     optimizer.check_consistency()
-    out = Path(args.out)
+    if optimizer._reducer is not None:
+        optimizer._reducer.remove_hooks()  # the next variant trains the same kind of model
     out.mkdir(parents=True, exist_ok=True)
     record = {
-        "rank": comm.rank, "size": comm.size,
+        "rank": comm.rank, "size": comm.size, "host": comm.hostname,
+        "backend": optimizer.grad_backend, "grad_reduce": optimizer.grad_reduce,
+        "node_aware": optimizer.node_aware,
+        "gradient_path": optimizer._reducer.path if optimizer._reducer is not None else None,
         "owned_blocks": list(optimizer.owned_blocks),
         "state_numel": {str(b): {k: v.numel() for k, v in optimizer.block_state(b).items()}
                         for b in optimizer.owned_blocks},
