@@ -12,8 +12,10 @@ with the bytes each host puts on its cable per call (``eth0`` counters).
 
 Fit: with one rank per host, an ``Allgatherv`` of two ranks is a single exchange, so its time
 is ``T = alpha + B * beta`` with ``B`` the measured bytes per host: least squares over the
-sizes gives ``alpha`` (latency per message, software included) and ``beta`` (seconds per byte
-on the cable). The same on one host gives ``alpha_shm``, ``beta_shm``. The fit is then checked
+sizes, each weighted by ``1/T^2`` (relative errors: the sizes span five decades, and plain
+least squares lets the largest one set the intercept, which came out negative), gives
+``alpha`` (latency per message, software included) and ``beta`` (seconds per byte on the
+cable). The same on one host gives ``alpha_shm``, ``beta_shm``. The fit is then checked
 against every other measured collective (predicted vs measured).
 
 Project::
@@ -24,7 +26,8 @@ Model of one step (all collectives of float32 elements, ``n`` parameters, ``p`` 
 per host, ``H = p / L`` hosts, ring algorithms, each step limited by its slowest link):
 
 * old path (flat): ring allreduce ``2(p-1)(alpha + 4n/p beta)`` + ring Allgatherv
-  ``(p-1)(alpha + 4n/p beta)``;
+  ``(p-1)(alpha + 4n/p beta)``, where a ring step costs its slowest link's ``alpha`` and
+  ``beta`` (the cable's, or shared memory's where that is slower; one host: shared memory);
 * new path (node-aware; one host: flat reduce-scatter + Allgatherv): intra-host reduce ``log2(L) alpha_shm + 4n beta_shm`` (pipelined),
   leaders' ring reduce-scatter ``(H-1)(alpha + 4n/H beta)``, intra-host scatter
   ``log2(L) alpha_shm + 4n/H beta_shm``; update: the same three in reverse (gather, leaders'
@@ -140,13 +143,21 @@ def measure(*, rate: str, layouts: Sequence[str], sizes: Sequence[int], budget_s
 
 
 # ---- fit -----------------------------------------------------------------------------------
-def fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
-    """Least-squares ``y = a + b x`` (``a``, ``b``)."""
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+def fit_line(xs: Sequence[float], ys: Sequence[float],
+             weights: Sequence[float] | None = None) -> tuple[float, float]:
+    """Weighted least-squares ``y = a + b x`` (``a``, ``b``); equal weights by default."""
+    ws = [1.0] * len(xs) if weights is None else list(weights)
+    total = sum(ws)
+    mx = sum(w * x for w, x in zip(ws, xs)) / total
+    my = sum(w * y for w, y in zip(ws, ys)) / total
+    sxx = sum(w * (x - mx) ** 2 for w, x in zip(ws, xs))
+    b = sum(w * (x - mx) * (y - my) for w, x, y in zip(ws, xs, ys)) / sxx
     return my - b * mx, b
+
+
+def fit_relative(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+    """``y = a + b x`` minimising the relative residuals ``(y - a - b x) / y``."""
+    return fit_line(xs, ys, [1.0 / (y * y) for y in ys])
 
 
 def fit(data: dict[str, Any]) -> dict[str, float]:
@@ -154,13 +165,16 @@ def fit(data: dict[str, Any]) -> dict[str, float]:
     recs = data["records"]
     net = [r for r in recs if r["layout"] == "2x1" and r["op"] == "allgatherv"]
     shm = [r for r in recs if r["layout"] == "1x2" and r["op"] == "allgatherv"]
-    alpha, beta = fit_line([max(r["bytes_per_host"]) for r in net], [r["median_s"] for r in net])
+    alpha, beta = fit_relative([max(r["bytes_per_host"]) for r in net],
+                               [r["median_s"] for r in net])
     # One host: nothing on a cable; each rank copies in the other's half (4n/2 bytes).
-    alpha_shm, beta_shm = fit_line([2.0 * r["n"] for r in shm], [r["median_s"] for r in shm])
+    alpha_shm, beta_shm = fit_relative([2.0 * r["n"] for r in shm],
+                                       [r["median_s"] for r in shm])
     link = _rate_bits(data["rate"])
     return {"alpha": alpha, "beta": beta, "alpha_shm": alpha_shm, "beta_shm": beta_shm,
             "link_bits_per_s": link,
-            "efficiency": (1.0 / (8.0 * beta)) / link if link else math.nan}
+            # bits per second reached on the cable (8 / beta) over the link's rate
+            "efficiency": (8.0 / beta) / link if link else math.nan}
 
 
 def _rate_bits(rate: str) -> float:
@@ -176,8 +190,18 @@ def predict(op: str, *, n: int, p: int, per_host: int, k: dict[str, float]) -> f
     a, b, a_s, b_s = k["alpha"], k["beta"], k["alpha_shm"], k["beta_shm"]
     hosts = p // per_host
     lg = math.log2(per_host) if per_host > 1 else 0.0
-    net_ring = (lambda steps, parts: steps * (a + 4.0 * n / parts * b)) if hosts > 1 else (
-        lambda steps, parts: steps * (a_s + 4.0 * n / parts * b_s))
+    # A flat ring step moves a chunk over every link at once: it takes as long as the slowest
+    # one (the cable, or shared memory when it is the slower: fast networks, several ranks).
+    if hosts == 1:
+        step_a, step_b = a_s, b_s
+    elif per_host == 1:
+        step_a, step_b = a, b
+    else:
+        step_a, step_b = max(a, a_s), max(b, b_s)
+
+    def net_ring(steps: int, parts: int) -> float:
+        return steps * (step_a + 4.0 * n / parts * step_b)
+
     intra_full = lg * a_s + (4.0 * n * b_s if per_host > 1 else 0.0)
     intra_share = lg * a_s + (4.0 * n / hosts * b_s if per_host > 1 else 0.0)
     if op == "allreduce":
@@ -241,7 +265,7 @@ def project(k: dict[str, float], *, alpha: float | None = None) -> list[dict[str
 def markdown(k: dict[str, float], checks: Sequence[dict[str, Any]],
              rows: Sequence[dict[str, Any]], rows_low_alpha: Sequence[dict[str, Any]]) -> str:
     out = [f"Fitted: alpha = {1e6 * k['alpha']:.0f} us, beta = {1e9 * k['beta']:.2f} ns/B "
-           f"({1 / (8 * k['beta']) / 1e6:.0f} Mbit/s = {100 * k['efficiency']:.0f} % of the "
+           f"({8 / k['beta'] / 1e6:.0f} Mbit/s = {100 * k['efficiency']:.0f} % of the "
            f"link); alpha_shm = {1e6 * k['alpha_shm']:.0f} us, beta_shm = "
            f"{1e9 * k['beta_shm']:.3f} ns/B ({1 / k['beta_shm'] / 1e9:.2f} GB/s).", "",
            "| collective (2 hosts x 2) | elements | bytes/host (x vector) | measured ms | "
