@@ -97,9 +97,10 @@ class MLBFGS(torch.optim.Optimizer):
             single process.
         grad_backend: ``"horovod"`` or ``"mpi"``: how gradients are averaged across ranks
             (ignored on one rank). ``None`` leaves the gradients alone (the caller averages).
-        grad_reduce: ``"reducescatter"`` (each rank receives only the average of the blocks
-            it owns: half the bytes of an allreduce, ``.grad`` is left unaveraged) or
-            ``"allreduce"`` (every rank receives the whole average in ``.grad``); see
+        grad_reduce: ``"allreduce"`` (every rank receives the whole average in ``.grad``;
+            the default: it overlaps the backward pass and measured faster, BENCHMARKS.md)
+            or ``"reducescatter"`` (each rank receives only the average of the blocks it
+            owns: half the bytes of an allreduce, ``.grad`` is left unaveraged); see
             :class:`~mlbfgs_hpc.comm.GradientReducer`.
         node_aware: combine inside each host over shared memory first, so one copy per host
             crosses the network, for the reduce-scatter and the update ``Allgatherv``.
@@ -142,7 +143,7 @@ class MLBFGS(torch.optim.Optimizer):
         gamma_mode: str = "yy",
         comm: LocalCommunicator | None = None,
         grad_backend: GradBackend | None = "horovod",
-        grad_reduce: GradReduce = "reducescatter",
+        grad_reduce: GradReduce = "allreduce",
         node_aware: bool | None = None,
     ) -> None:
         validate_group_hyperparameters(lr=lr, weight_decay=weight_decay)

@@ -124,9 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
       help="'auto' (newest valid checkpoint in the run dir, if any), 'never', or a path")
     a("--grad-backend", choices=GRAD_BACKENDS, default="horovod",
       help="how gradients are averaged across ranks")
-    a("--grad-reduce", choices=GRAD_REDUCE_MODES, default=None,
-      help="mlbfgs: 'reducescatter' (default: each rank receives only the blocks it owns, "
-           "half the bytes) or 'allreduce'; the other optimizers always allreduce")
+    a("--grad-reduce", choices=GRAD_REDUCE_MODES, default="allreduce",
+      help="'allreduce' (every rank receives the whole average; launched during the "
+           "backward pass; measured faster, BENCHMARKS.md) or, mlbfgs only, "
+           "'reducescatter' (each rank receives only the blocks it owns: about half the "
+           "bytes on the network)")
     a("--node-aware", choices=NODE_AWARE_CHOICES, default="auto",
       help="combine inside each host first so one copy per host crosses the network "
            "(gradient reduce-scatter and update Allgatherv); 'auto': when a host runs "
@@ -315,7 +317,7 @@ class Trainer:
                 precondition=a.precondition, curvature_shift=a.curvature_shift, h0=a.h0,
                 h0_beta=a.h0_beta, h0_eps=a.h0_eps, pair_snr=a.pair_snr,
                 gamma_mode=a.gamma_mode, comm=self.comm,
-                grad_backend=a.grad_backend, grad_reduce=a.grad_reduce or "reducescatter",
+                grad_backend=a.grad_backend, grad_reduce=a.grad_reduce,
                 node_aware=NODE_AWARE_CHOICES[a.node_aware])
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.reducer = self.comm.gradient_reducer(named, backend=a.grad_backend)

@@ -128,7 +128,8 @@ def _args(*argv: str) -> argparse.Namespace:
 
 def test_cli_defaults_and_reduce_scatter_only_for_mlbfgs() -> None:
     args = _args()
-    assert (args.grad_reduce, args.node_aware, args.grad_backend) == (None, "auto", "horovod")
+    assert (args.grad_reduce, args.node_aware, args.grad_backend) == ("allreduce", "auto",
+                                                                      "horovod")
     validate_train_args(_args("--optimizer", "sgd"))  # the baselines allreduce by default
     validate_train_args(_args("--grad-reduce", "reducescatter", "--node-aware", "off"))
     with pytest.raises(UsageError, match="--grad-reduce reducescatter needs --optimizer "

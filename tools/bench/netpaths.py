@@ -4,7 +4,8 @@ iteration time, old path against new, on rate-limited links.
 Two measurements, both on a ``tools/netns`` cluster of 2 hosts x 2 ranks:
 
 * ``steps``: the training command itself (``python -m mlbfgs_hpc``, synthetic data), run for
-  ``--short`` and ``--long`` steps with the same flags; bytes per step per host = the
+  ``--short`` and ``--long`` steps with the same flags (the old path's, the defaults, and
+  ``--grad-reduce reducescatter``); bytes per step per host = the
   difference of each host's ``eth0`` transmit counter between the two runs / the difference
   in steps (start-up, evaluation and checkpoints cancel). This is how issue 11 measured the
   old path (2.36x the model for the small CNN).
@@ -18,10 +19,11 @@ The paths (``--grad-backend``, ``--grad-reduce``, ``--node-aware`` of ``mlbfgs-t
 
 ==================  ====================================================================
 ``hvd-ar-flat``     Horovod allreduce + flat ``Allgatherv``: the path before issue 11
-``hvd-ar-nodeag``   Horovod allreduce + node-aware ``Allgatherv`` (the update alone)
+``hvd-ar-nodeag``   Horovod allreduce + node-aware ``Allgatherv`` (the update alone): the
+                    defaults (it measured faster than ``hvd-rs-node``, BENCHMARKS.md)
 ``hvd-rs-flat``     Horovod padded ``reducescatter`` + flat ``Allgatherv``
 ``hvd-rs-node``     Horovod intra-host allreduce, leaders' ``Reduce_scatter``, node-aware
-                    ``Allgatherv``: the default since issue 11
+                    ``Allgatherv``: the "new" path, ``--grad-reduce reducescatter``
 ``mpi-ar-flat``     mpi4py ``Allreduce`` + flat ``Allgatherv``
 ``mpi-rs-flat``     mpi4py ``Reduce_scatter`` (ownership counts) + flat ``Allgatherv``
 ``mpi-rs-node``     mpi4py node-aware reduce-scatter + node-aware ``Allgatherv``
@@ -193,15 +195,16 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown(rows: Sequence[dict[str, Any]], steps: Sequence[dict[str, Any]]) -> str:
     out = ["| model (params) | link | path | bytes/step/host (x model) | step s, median "
-           "[min-max] | time / old path, median [min-max] |", "|---|---|---|---|---|---|"]
+           "[min-max] | time / old path, median [min-max] |", "|---|---|---|---|---|---|"
+           ] if rows else []
     for r in rows:
         s, q = r["step"], r["ratio"]
         out.append(f"| {r['model']} ({r['params']:,}) | {r['link']} | {r['path']} | "
                    f"{r['bytes_x_model']:.3f} | {s['median']:.3f} [{s['min']:.3f}-"
                    f"{s['max']:.3f}] | {q['median']:.3f} [{q['min']:.3f}-{q['max']:.3f}] |")
     if steps:
-        out += ["", "| model | flags | bytes/step/host (host 0, host 1), x model |",
-                "|---|---|---|"]
+        out += [""] * bool(out) + ["| model | flags | bytes/step/host (host 0, host 1), "
+                                   "x model |", "|---|---|---|"]
         for s in steps:
             out.append(f"| {s['model']} | `{' '.join(s['flags']) or '(defaults)'}` | "
                        + ", ".join(f"{b / s['model_bytes']:.3f}"
@@ -213,7 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench netpaths",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("mode", nargs="?", choices=("run", "worker"), default="run")
-    p.add_argument("--models", nargs="+", choices=list(MODELS), default=["cnn", "resnet18"])
+    p.add_argument("--models", nargs="*", choices=list(MODELS), default=["cnn", "resnet18"],
+                   help="models for the alternation (none: skip it)")
     p.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS))
     p.add_argument("--rates", nargs="+", default=["none", "1gbit"],
                    help="link rates to measure the alternation on ('none': unshaped)")
@@ -247,7 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = common.load_average()
     try:
         for model in args.steps_models:
-            for flags in (["--grad-reduce", "allreduce", "--node-aware", "off"], []):
+            for flags in (["--grad-reduce", "allreduce", "--node-aware", "off"], [],
+                          ["--grad-reduce", "reducescatter"]):
                 result = run_steps(cluster, model=model, flags=flags, short=args.short,
                                    long=args.long)
                 steps.append(result)
