@@ -237,7 +237,8 @@ COMPUTE_S = 0.090   # forward+backward of 32 images on one V100-class GPU (fp32)
 
 
 def project(k: dict[str, float], *, alpha: float | None = None) -> list[dict[str, Any]]:
-    """Comm time, iteration time and comm share, old vs new, per (rate, ranks)."""
+    """Comm time, iteration time and comm share, old vs new (and the default's speed-up),
+    per (rate, ranks)."""
     rows = []
     for gbit in RATES_GBIT:
         kk = dict(k)
@@ -251,10 +252,14 @@ def project(k: dict[str, float], *, alpha: float | None = None) -> list[dict[str
             old = predict("allreduce", **kw) + predict("allgatherv", **kw)
             # --node-aware auto: the node-aware collectives only when there are 2+ hosts.
             node = p > per_host
-            new = (predict("node_reduce_scatter" if node else "reduce_scatter", **kw)
-                   + predict("node_allgatherv" if node else "allgatherv", **kw))
+            update = predict("node_allgatherv" if node else "allgatherv", **kw)
+            new = predict("node_reduce_scatter" if node else "reduce_scatter", **kw) + update
+            # The default: allreduce + the (node-aware) Allgatherv.
+            default = predict("allreduce", **kw) + update
             rows.append({"gbit": gbit, "ranks": p, "hosts": p // per_host,
-                         "old_comm_s": old, "new_comm_s": new,
+                         "old_comm_s": old, "new_comm_s": new, "default_comm_s": default,
+                         "default_iter_s": COMPUTE_S + default,
+                         "default_speedup": (COMPUTE_S + old) / (COMPUTE_S + default),
                          "old_iter_s": COMPUTE_S + old, "new_iter_s": COMPUTE_S + new,
                          "old_share": old / (COMPUTE_S + old),
                          "new_share": new / (COMPUTE_S + new),
@@ -274,14 +279,16 @@ def markdown(k: dict[str, float], checks: Sequence[dict[str, Any]],
         out.append(f"| {c['op']} | {c['n']:,} | {c['bytes_x']:.2f} | "
                    f"{1e3 * c['measured_s']:.1f} | {1e3 * c['model_s']:.1f} |")
     out += ["", "| link | ranks (hosts) | comm old ms | comm new ms | iteration old ms | "
-            "iteration new ms | comm share old | new | speed-up | (alpha = 5 us: speed-up) |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "iteration new ms | comm share old | new | speed-up | (alpha = 5 us: speed-up) | "
+            "default (allreduce + node-aware Allgatherv): speed-up |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r, lo in zip(rows, rows_low_alpha):
         out.append(f"| {r['gbit']} Gbit/s | {r['ranks']} ({r['hosts']}) | "
                    f"{1e3 * r['old_comm_s']:.0f} | {1e3 * r['new_comm_s']:.0f} | "
                    f"{1e3 * r['old_iter_s']:.0f} | {1e3 * r['new_iter_s']:.0f} | "
                    f"{100 * r['old_share']:.0f} % | {100 * r['new_share']:.0f} % | "
-                   f"{r['speedup']:.2f} | {lo['speedup']:.2f} |")
+                   f"{r['speedup']:.2f} | {lo['speedup']:.2f} | "
+                   f"{r['default_speedup']:.2f} |")
     return "\n".join(out) + "\n"
 
 
@@ -298,6 +305,9 @@ def plot(rows: Sequence[dict[str, Any]], rows_low_alpha: Sequence[dict[str, Any]
                     label=f"old (allreduce + flat Allgatherv), {label}")
             ax.plot(ranks, [1e3 * r["new_iter_s"] for r in sel], "C0" + style, marker="s",
                     label=f"new (node-aware reduce-scatter + Allgatherv), {label}")
+        sel = [r for r in rows if r["gbit"] == gbit]
+        ax.plot([r["ranks"] for r in sel], [1e3 * r["default_iter_s"] for r in sel], "C2-",
+                marker="^", label="default (allreduce + node-aware Allgatherv), fitted alpha")
         ax.axhline(1e3 * COMPUTE_S, color="grey", lw=0.8, ls=":", label="compute alone")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
