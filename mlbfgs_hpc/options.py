@@ -11,7 +11,7 @@ import argparse
 
 from . import cli
 from .comm import GRAD_BACKENDS
-from .config import CLIP_MODES, GAMMA_MODES, H0_MODES, PRECONDITION_MODES, MLBFGSConfig
+from .config import CLIP_MODES, MLBFGSConfig
 from .data import DATASET_NAMES
 from .models import MODEL_NAMES
 
@@ -59,16 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sigma-low", type=float, default=_DEFAULTS.sigma_low)
     a("--sigma-high", type=float, default=_DEFAULTS.sigma_high)
     a("--curvature-eps", type=float, default=_DEFAULTS.curvature_eps)
-    a("--clip", choices=CLIP_MODES, default=_DEFAULTS.clip)
+    a("--clip", choices=CLIP_MODES, default=_DEFAULTS.clip,
+      help="step sizing once curvature is in use: graft (per block, H·g at the norm of g), "
+           "kl (the design's KL guard, --kl-clip), none")
     a("--kl-clip", type=float, default=_DEFAULTS.kl_clip)
-    a("--pair-momentum", type=float, default=_DEFAULTS.pair_momentum)
-    a("--precondition", choices=PRECONDITION_MODES, default=_DEFAULTS.precondition)
-    a("--curvature-shift", type=float, default=_DEFAULTS.curvature_shift)
-    a("--h0", choices=H0_MODES, default=_DEFAULTS.h0)
-    a("--h0-beta", type=float, default=_DEFAULTS.h0_beta)
-    a("--h0-eps", type=float, default=_DEFAULTS.h0_eps)
-    a("--pair-snr", type=float, default=_DEFAULTS.pair_snr)
-    a("--gamma-mode", choices=GAMMA_MODES, default=_DEFAULTS.gamma_mode)
+    a("--pair-momentum", type=float, default=_DEFAULTS.pair_momentum,
+      help="EMA over successive curvature pairs (the authors' double momentum); 0: off")
     a("--block-size", type=int, default=None,
       help="parameters per curvature block (default: one layer per block)")
     a("--seed", type=int, default=0)

@@ -176,10 +176,7 @@ class Trainer:
                 damping=a.damping, sigma_low=a.sigma_low, sigma_high=a.sigma_high,
                 curvature_eps=a.curvature_eps, clip=a.clip, kl_clip=a.kl_clip,
                 momentum=a.momentum, nesterov=a.nesterov, pair_momentum=a.pair_momentum,
-                precondition=a.precondition, curvature_shift=a.curvature_shift, h0=a.h0,
-                h0_beta=a.h0_beta, h0_eps=a.h0_eps, pair_snr=a.pair_snr,
-                gamma_mode=a.gamma_mode, comm=self.comm,
-                grad_backend=a.grad_backend)
+                comm=self.comm, grad_backend=a.grad_backend)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.reducer = self.comm.gradient_reducer(named, backend=a.grad_backend)
         params = [p for _, p in named]
