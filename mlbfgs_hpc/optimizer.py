@@ -250,16 +250,8 @@ class MLBFGS(torch.optim.Optimizer):
 
     @property
     def diagnostics(self) -> dict[str, float]:
-        """What the curvature did in the last step, summarised over blocks with curvature
-        (NaN before the first pair); identical on every rank, not checkpointed.
-
-        ``cos_mean``/``cos_min``: cosine between a block's H·g and its g (1: the curvature
-        does not bend the direction); ``hg_ratio``: geometric mean of ‖H·g‖/‖g‖ (the
-        curvature's own step length, before the guard); ``step_scale``: ‖applied
-        direction‖/‖g‖ over all blocks (after the guard or grafting); ``tau_mean``: mean
-        damping factor τ of the blocks' last offered pairs (τ0 = 1 − damping: undamped
-        beyond τ0).
-        """
+        """What the curvature did in the last step (:data:`~mlbfgs_hpc.stepsize.DIAGNOSTIC_KEYS`),
+        summarised over blocks with curvature; identical on every rank, not checkpointed."""
         return dict(self._diagnostics)
 
     def optimizer_state_bytes(self) -> int:

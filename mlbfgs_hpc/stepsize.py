@@ -21,7 +21,12 @@ from typing import Any
 
 #: Per-block scalars of one step, one row each of the optimizer's read-back matrix.
 BLOCK_SCALARS: tuple[str, ...] = ("g_dot_d", "gamma", "g_sq", "d_sq")
-#: Per-step read-outs of what the curvature did (see :attr:`MLBFGS.diagnostics`).
+#: Per-step read-outs of what the curvature did (:attr:`MLBFGS.diagnostics`), NaN before the
+#: first pair. ``cos_mean``/``cos_min``: cosine between a block's H·g and its g (1: the
+#: curvature does not bend the direction); ``hg_ratio``: geometric mean of ‖H·g‖/‖g‖ (the
+#: curvature's own step length, before the guard); ``step_scale``: ‖applied direction‖/‖g‖
+#: over all blocks (after the guard or grafting); ``tau_mean``: mean damping factor τ of the
+#: blocks' last offered pairs (τ0 = 1 − damping: undamped beyond τ0).
 DIAGNOSTIC_KEYS: tuple[str, ...] = ("cos_mean", "cos_min", "hg_ratio", "step_scale", "tau_mean")
 
 
