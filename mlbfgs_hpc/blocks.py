@@ -105,6 +105,34 @@ def blocks_from_parameters(params: Iterable[torch.Tensor]) -> list[ParamBlock]:
             for i, p in enumerate(params)]
 
 
+def check_blocks_cover(blocks: Sequence[ParamBlock], params: Sequence[torch.Tensor]) -> None:
+    """Check that ``blocks`` cover exactly ``params``, once each, in one floating dtype and on
+    one device (what the optimizer's flat buffers need).
+
+    Raises:
+        ValueError: naming the uncovered parameters (by index), the blocks' parameters that
+            are not optimized (by name), or the mixed dtypes/devices.
+    """
+    in_params = {id(p) for p in params}
+    in_blocks = [p for b in blocks for p in b.params]
+    if len({id(p) for p in in_blocks}) != len(in_blocks):
+        raise ValueError("blocks must not share parameters")
+    names = {id(p): n for b in blocks for n, p in zip(b.param_names, b.params)}
+    missing = [i for i, p in enumerate(params) if id(p) not in names]
+    extra = [names[id(p)] for p in in_blocks if id(p) not in in_params]
+    if missing or extra:
+        raise ValueError(
+            "blocks must cover exactly the optimized (trainable) parameters: "
+            f"params not in any block (param index): {missing}; "
+            f"block params not being optimized: {extra}")
+    dtypes = {p.dtype for p in in_blocks}
+    devices = {p.device for p in in_blocks}
+    if len(dtypes) != 1 or len(devices) != 1 or not next(iter(dtypes)).is_floating_point:
+        raise ValueError("params must share one floating dtype and one device, got "
+                         f"dtypes {sorted(map(str, dtypes))}, devices "
+                         f"{sorted(map(str, devices))}")
+
+
 def _make_block(layers: Sequence[tuple[str, list[tuple[str, torch.Tensor]]]]) -> ParamBlock:
     name = layers[0][0] if len(layers) == 1 else f"{layers[0][0]}..{layers[-1][0]}"
     names = tuple(n for _, owned in layers for n, _ in owned)

@@ -12,14 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-ClipMode = Literal["graft", "graft-global", "graft-rms", "kl", "none"]
-CLIP_MODES: tuple[str, ...] = ("graft", "graft-global", "graft-rms", "kl", "none")
-Precondition = Literal["grad", "grad_ema"]
-PRECONDITION_MODES: tuple[str, ...] = ("grad", "grad_ema")
-InitialHessian = Literal["scalar", "rmsprop"]
-GammaMode = Literal["yy", "ss", "denoised"]
-GAMMA_MODES: tuple[str, ...] = ("yy", "ss", "denoised")
-H0_MODES: tuple[str, ...] = ("scalar", "rmsprop")
+ClipMode = Literal["graft", "kl", "none"]
+CLIP_MODES: tuple[str, ...] = ("graft", "kl", "none")
 
 
 def _require(condition: bool, name: str, allowed: str, value: object) -> None:
@@ -40,22 +34,16 @@ class MLBFGSConfig:
         sigma_low: lower bound σL of the curvature ratio μ = sᵀy/sᵀs.
         sigma_high: upper bound σH of μ.
         curvature_eps: ε of the acceptance test sᵀŷ > ε·sᵀs.
-        clip: step-size guard, ``"kl"`` (ν = min(1, sqrt(κ/gᵀd))) or ``"none"``.
+        clip: how the step is sized once a block has curvature: ``"graft"`` (each block's
+            H·g rescaled to the norm of that block's g: the curvature picks the direction,
+            the gradient its length; Agarwal et al. 2020), ``"kl"`` (the design's guard,
+            ν = min(1, sqrt(κ/gᵀd)) on the whole direction) or ``"none"``.
         kl_clip: κ of the ``"kl"`` guard.
         momentum: outer heavy-ball momentum μ.
         nesterov: use Nesterov's variant of the outer momentum.
-        pair_momentum: EMA factor over successive pairs ("double momentum"): the offered
-            pair is s̄ ← p·s̄ + (1−p)·s (same for y), started at the first pair; 0: off.
-        precondition: ``"grad"`` (d = H·g) or ``"grad_ema"`` (d = H·Mg, K-BFGS style).
-        curvature_shift: λ of a Levenberg–Marquardt shift y ← y + λ·s before damping.
-        h0: initial inverse Hessian, ``"scalar"`` (γ·I) or ``"rmsprop"`` (c·diag(1/(√v+ε)),
-            v an EMA of g², refreshed with every pair; adaQN-style).
-        h0_beta: EMA factor of v for ``h0="rmsprop"``.
-        h0_eps: ε of ``h0="rmsprop"``.
-        pair_snr: reject a pair whose sᵀy is below this many standard deviations of its
-            gradient noise (estimated from a per-coordinate EMA of (g − Mg)²); 0: off.
-        gamma_mode: γ of H0 = γI from the newest pair: ``"yy"`` sᵀŷ/ŷᵀŷ, ``"ss"``
-            sᵀs/sᵀŷ, ``"denoised"`` sᵀŷ/(ŷᵀŷ − the gradient noise's expected share of it).
+        pair_momentum: EMA factor over successive pairs (the authors' "double momentum"):
+            the offered pair is s̄ ← p·s̄ + (1−p)·s (same for y), started at the first
+            pair; 0: off.
     """
 
     history_size: int = 10
@@ -71,13 +59,6 @@ class MLBFGSConfig:
     momentum: float = 0.9
     nesterov: bool = False
     pair_momentum: float = 0.0
-    precondition: Precondition = "grad"
-    curvature_shift: float = 0.0
-    h0: InitialHessian = "scalar"
-    h0_beta: float = 0.999
-    h0_eps: float = 1e-8
-    pair_snr: float = 0.0
-    gamma_mode: GammaMode = "yy"
 
     def __post_init__(self) -> None:
         _require(_integer(self.history_size) and self.history_size >= 1,
@@ -101,20 +82,8 @@ class MLBFGSConfig:
         _require(_finite(self.momentum) and 0.0 <= self.momentum < 1.0,
                  "momentum", "in [0, 1)", self.momentum)
         _require(isinstance(self.nesterov, bool), "nesterov", "a bool", self.nesterov)
-        for name in ("pair_momentum", "h0_beta"):
-            value = getattr(self, name)
-            _require(_finite(value) and 0.0 <= value < 1.0, name, "in [0, 1)", value)
-        _require(self.precondition in PRECONDITION_MODES, "precondition",
-                 f"one of {PRECONDITION_MODES}", self.precondition)
-        _require(_finite(self.curvature_shift) and self.curvature_shift >= 0.0,
-                 "curvature_shift", "a finite number >= 0", self.curvature_shift)
-        _require(self.h0 in H0_MODES, "h0", f"one of {H0_MODES}", self.h0)
-        _require(self.gamma_mode in GAMMA_MODES, "gamma_mode", f"one of {GAMMA_MODES}",
-                 self.gamma_mode)
-        _require(_finite(self.pair_snr) and self.pair_snr >= 0.0, "pair_snr",
-                 "a finite number >= 0", self.pair_snr)
-        _require(_finite(self.h0_eps) and self.h0_eps > 0.0, "h0_eps", "a finite number > 0",
-                 self.h0_eps)
+        _require(_finite(self.pair_momentum) and 0.0 <= self.pair_momentum < 1.0,
+                 "pair_momentum", "in [0, 1)", self.pair_momentum)
         _require(not (self.nesterov and self.momentum == 0.0),
                  "nesterov", "False when momentum == 0 (Nesterov needs momentum > 0)",
                  self.nesterov)

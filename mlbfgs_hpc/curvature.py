@@ -95,24 +95,6 @@ def damp_pair_(s: torch.Tensor, y: torch.Tensor, *, config: MLBFGSConfig) -> Dam
                       yhat_dot_yhat=float(torch.dot(y, y)))
 
 
-def initial_scale(pair: DampedPair, *, mode: str, noise_energy: float = 0.0) -> float:
-    """γ of H0 = γI from the newest (damped) pair.
-
-    ``"yy"``: sᵀŷ/ŷᵀŷ (the usual choice, Nocedal & Wright (7.20)); ``"ss"``: sᵀs/sᵀŷ (the
-    other Barzilai–Borwein step, the inverse Rayleigh quotient along s); ``"denoised"``:
-    sᵀŷ/(ŷᵀŷ − τ²·noise_energy), floored at the ``"ss"`` value's denominator so it never
-    exceeds sᵀs/sᵀŷ: gradient noise in y inflates ŷᵀŷ in every direction, which biases the
-    ``"yy"`` γ low as the signal shrinks.
-    """
-    if mode == "ss":
-        return pair.s_dot_s / pair.s_dot_yhat
-    if mode == "denoised":
-        parallel = pair.s_dot_yhat ** 2 / pair.s_dot_s   # ŷ's energy along s: a lower bound
-        signal = max(pair.yhat_dot_yhat - pair.tau ** 2 * noise_energy, parallel)
-        return pair.s_dot_yhat / signal
-    return pair.s_dot_yhat / pair.yhat_dot_yhat
-
-
 def compact_middle_matrix(sty: torch.Tensor, yty: torch.Tensor, rho: torch.Tensor,
                           order: Sequence[int], gamma: float) -> torch.Tensor:
     """The middle matrix ``W`` of the compact form, in ring *storage* order (float64, CPU).
@@ -150,12 +132,6 @@ def compact_middle_matrix(sty: torch.Tensor, yty: torch.Tensor, rho: torch.Tenso
     return w
 
 
-def diagonal_scale(s: torch.Tensor, y: torch.Tensor, diag: torch.Tensor) -> float:
-    """c of ``H0 = c·diag``: sᵀy / (yᵀ·diag·y), the diagonal analogue of γ = sᵀy/yᵀy (the
-    Oren–Luenberger scaling measured in the metric of ``diag``)."""
-    return float(torch.dot(s, y)) / float(torch.dot(y * diag, y))
-
-
 class BlockCurvature:
     """The curvature history of one block and ``H·q`` on it (compact form; two-loop reference).
 
@@ -185,8 +161,6 @@ class BlockCurvature:
         self.rejected = torch.zeros((), dtype=torch.int64)
         #: τ of the last offered pair (NaN before the first): a diagnostic, not state.
         self.last_tau = math.nan
-        #: Signal-to-noise ratio of the last offered pair's sᵀy (NaN unless measured).
-        self.last_snr = math.nan
         # Row views and scalar scratch are made once so the per-step recursion allocates
         # no tensor storage (views of existing storage only). The dot products go through
         # ``torch.mv`` on (1, n) row views into (1,) slots: ``torch.dot(..., out=)`` computes
@@ -207,11 +181,6 @@ class BlockCurvature:
         self._proj = torch.zeros(2 * history_size, **kw)     # [S·q; Ŷ·q]
         self._coeff = torch.zeros(2 * history_size, **kw)    # [c_S; c_Y] = W·[S·q; Ŷ·q]
         self._compact: tuple[torch.Tensor, ...] | None = None
-        # Diagonal H0 (optional): the caller's un-scaled diagonal D̃, and H0 = c·D̃ frozen
-        # at the last rebuild (W depends on it, so it changes only when W is rebuilt).
-        self._diag_source: torch.Tensor | None = None
-        self.h0_diag: torch.Tensor | None = None
-        self._tmp: torch.Tensor | None = None
 
     # ---- state --------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -238,12 +207,8 @@ class BlockCurvature:
         self._order = [(head - 1 - k) % m for k in range(count)]
 
     # ---- pairs --------------------------------------------------------------------------
-    def offer_pair(self, s: torch.Tensor, y: torch.Tensor, *, config: MLBFGSConfig,
-                   noise_energy: float = 0.0) -> bool:
-        """Damp ``(s, y)`` (``y`` is overwritten with ŷ) and push it if it passes the test.
-
-        ``noise_energy``: expected ‖y's gradient noise‖² (``gamma_mode="denoised"`` only).
-        """
+    def offer_pair(self, s: torch.Tensor, y: torch.Tensor, *, config: MLBFGSConfig) -> bool:
+        """Damp ``(s, y)`` (``y`` is overwritten with ŷ) and push it if it passes the test."""
         pair = damp_pair_(s, y, config=config)
         self.last_tau = pair.tau
         if not pair.accepted(config.curvature_eps):
@@ -253,31 +218,13 @@ class BlockCurvature:
         self._s_rows[slot].copy_(s)
         self._y_rows[slot].copy_(y)
         self.rho[slot] = 1.0 / pair.s_dot_yhat
-        self.gamma.fill_(initial_scale(pair, mode=config.gamma_mode,
-                                       noise_energy=noise_energy))
+        self.gamma.fill_(pair.s_dot_yhat / pair.yhat_dot_yhat)
         self.head.fill_((slot + 1) % self.history_size)
         self.count.fill_(min(int(self.count) + 1, self.history_size))
         self.accepted += 1
         self._refresh_order()
         self._rebuild_compact()
         return True
-
-    def use_diagonal(self, diag: torch.Tensor) -> None:
-        """Take ``H0 = c·diag`` instead of ``γ·I`` from the next rebuild on.
-
-        ``diag`` (positive, ``numel`` entries) is read, not copied, at every
-        :meth:`refresh_diagonal`; c is :func:`diagonal_scale` of the newest pair.
-        """
-        if diag.shape != (self.numel,):
-            raise ValueError(f"diag must have shape ({self.numel},), got {tuple(diag.shape)}")
-        self._diag_source = diag
-        self.h0_diag = torch.zeros_like(diag)
-        self._tmp = torch.zeros_like(diag)
-
-    def refresh_diagonal(self) -> None:
-        """Re-read the diagonal and rebuild ``W`` with it (no-op for ``γ·I``)."""
-        if self._diag_source is not None:
-            self._rebuild_compact()
 
     def _rebuild_compact(self) -> None:
         """Recompute ``W`` from the ring (a deterministic function of the state tensors, so a
@@ -287,17 +234,8 @@ class BlockCurvature:
             return
         rows = max(self._order) + 1  # = count until the ring wraps, then m
         s_rows, y_rows = self.S[:rows], self.Y[:rows]
-        if self._diag_source is not None and self.h0_diag is not None:
-            newest = self._order[0]
-            scale = diagonal_scale(self._s_rows[newest], self._y_rows[newest],
-                                   self._diag_source)
-            torch.mul(self._diag_source, scale, out=self.h0_diag)
-            # W of the compact form for H0 = D: Ŷ's Gram in D's metric, γ = 1 (D carries it).
-            w = compact_middle_matrix(s_rows @ y_rows.T, (y_rows * self.h0_diag) @ y_rows.T,
-                                      self.rho[:rows], self._order, 1.0)
-        else:
-            w = compact_middle_matrix(s_rows @ y_rows.T, y_rows @ y_rows.T, self.rho[:rows],
-                                      self._order, float(self.gamma))
+        w = compact_middle_matrix(s_rows @ y_rows.T, y_rows @ y_rows.T, self.rho[:rows],
+                                  self._order, float(self.gamma))
         if not bool(torch.isfinite(w).all()):
             # R is numerically singular: the recursion divides by each ρ on its own instead.
             logger.debug("compact form unavailable (R not invertible): two-loop recursion")
@@ -319,15 +257,6 @@ class BlockCurvature:
             return self.two_loop_(q)
         s_rows, y_rows, s_cols, y_cols, w, proj, proj_s, proj_y, coeff, c_s, c_y = self._compact
         torch.mv(s_rows, q, out=proj_s)
-        if self.h0_diag is not None and self._tmp is not None:
-            # H·q = D·q + S·c_S + D·(Ŷ·c_Y), with [c_S; c_Y] = W·[S·q; Ŷ·(D·q)].
-            q.mul_(self.h0_diag)
-            torch.mv(y_rows, q, out=proj_y)
-            torch.mv(w, proj, out=coeff)
-            torch.mv(y_cols, c_y, out=self._tmp)
-            q.addcmul_(self._tmp, self.h0_diag)
-            q.addmv_(s_cols, c_s)
-            return q
         torch.mv(y_rows, q, out=proj_y)
         torch.mv(w, proj, out=coeff)
         q.mul_(self.gamma)
@@ -346,7 +275,7 @@ class BlockCurvature:
             torch.mv(self._s_mats[i], q, out=alpha[i])
             alpha[i].mul_(self._rho_items[i])
             q.addcmul_(self._y_rows[i], alpha[i], value=-1.0)
-        q.mul_(self.gamma if self.h0_diag is None else self.h0_diag)
+        q.mul_(self.gamma)
         for i in reversed(self._order):             # oldest → newest
             torch.mv(self._y_mats[i], q, out=beta)
             beta.mul_(self._rho_items[i]).neg_().add_(alpha[i])   # αᵢ − βᵢ

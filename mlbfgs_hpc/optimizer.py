@@ -32,30 +32,18 @@ from typing import Any
 
 import torch
 
-from .blocks import ParamBlock, blocks_from_parameters
-from .comm import (
-    GRAD_BACKENDS,
-    GRAD_REDUCE_MODES,
-    GradBackend,
-    GradientReducer,
-    GradReduce,
-    LocalCommunicator,
-    tensor_digest,
-)
+from .blocks import ParamBlock, blocks_from_parameters, check_blocks_cover
+from .comm import (GRAD_BACKENDS, GRAD_REDUCE_MODES, GradBackend, GradientReducer, GradReduce,
+                   LocalCommunicator, tensor_digest)
 from .config import MLBFGSConfig, validate_group_hyperparameters
 from .curvature import BlockCurvature
+from .optimizer_state import (FLAT_STATE_KEYS, GLOBAL_STATE_KEYS, STATE_FORMAT_VERSION,
+                              check_saved_state, param_group_table)
 from .partition import Ownership
+from .stepsize import BLOCK_SCALARS, DIAGNOSTIC_KEYS, BlockStats, StepTotals, kl_factor
 
 logger = logging.getLogger(__name__)
 
-#: Flat per-rank buffers whose per-block slices are part of the checkpointed block state.
-FLAT_STATE_KEYS: tuple[str, ...] = (
-    "m_param", "m_grad", "snap_param", "snap_grad", "momentum_buffer")
-#: Step counters and guard values, identical on every rank.
-GLOBAL_STATE_KEYS: tuple[str, ...] = (
-    "step", "skipped_steps", "sgd_fallbacks", "accepted_pairs", "rejected_pairs",
-    "last_nu", "last_gamma")
-STATE_FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -86,12 +74,12 @@ class MLBFGS(torch.optim.Optimizer):
         sigma_low: lower bound of the curvature ratio sᵀy/sᵀs.
         sigma_high: upper bound of the curvature ratio.
         curvature_eps: acceptance threshold ε of sᵀŷ > ε·sᵀs.
-        clip: step-size guard, ``"kl"`` or ``"none"``.
-        kl_clip: κ of the ``"kl"`` guard, ν = min(1, sqrt(κ/gᵀd)).
+        clip: how the step is sized once a block has curvature: ``"graft"`` (per block,
+            H·g at the norm of g), ``"kl"`` (ν = min(1, sqrt(κ/gᵀd))) or ``"none"``.
+        kl_clip: κ of the ``"kl"`` guard.
         momentum: outer heavy-ball momentum.
         nesterov: Nesterov variant of the outer momentum.
-        pair_momentum, precondition, curvature_shift, h0, h0_beta, h0_eps, pair_snr,
-            gamma_mode: see
+        pair_momentum: EMA over successive pairs ("double momentum"); 0: off. See
             :class:`~mlbfgs_hpc.config.MLBFGSConfig`.
         comm: communicator from :func:`~mlbfgs_hpc.comm.init_communicator`; ``None`` for a
             single process.
@@ -134,13 +122,6 @@ class MLBFGS(torch.optim.Optimizer):
         momentum: float = 0.9,
         nesterov: bool = False,
         pair_momentum: float = 0.0,
-        precondition: str = "grad",
-        curvature_shift: float = 0.0,
-        h0: str = "scalar",
-        h0_beta: float = 0.999,
-        h0_eps: float = 1e-8,
-        pair_snr: float = 0.0,
-        gamma_mode: str = "yy",
         comm: LocalCommunicator | None = None,
         grad_backend: GradBackend | None = "horovod",
         grad_reduce: GradReduce = "allreduce",
@@ -151,10 +132,7 @@ class MLBFGS(torch.optim.Optimizer):
             history_size=history_size, update_freq=update_freq, beta_param=beta_param,
             beta_grad=beta_grad, damping=damping, sigma_low=sigma_low, sigma_high=sigma_high,
             curvature_eps=curvature_eps, clip=clip, kl_clip=kl_clip,  # type: ignore[arg-type]
-            momentum=momentum, nesterov=nesterov, pair_momentum=pair_momentum,
-            precondition=precondition, curvature_shift=curvature_shift,  # type: ignore[arg-type]
-            h0=h0, h0_beta=h0_beta, h0_eps=h0_eps, pair_snr=pair_snr,  # type: ignore[arg-type]
-            gamma_mode=gamma_mode)  # type: ignore[arg-type]
+            momentum=momentum, nesterov=nesterov, pair_momentum=pair_momentum)
         if grad_backend is not None and grad_backend not in GRAD_BACKENDS:
             raise ValueError(
                 f"grad_backend must be one of {GRAD_BACKENDS} or None, got {grad_backend!r}")
@@ -171,7 +149,7 @@ class MLBFGS(torch.optim.Optimizer):
         group_params = [p for group in self.param_groups for p in group["params"]
                         if p.requires_grad]
         self.blocks = list(blocks) if blocks is not None else blocks_from_parameters(group_params)
-        self._check_blocks(group_params)
+        check_blocks_cover(self.blocks, group_params)
         self._layout_params = [p for block in self.blocks for p in block.params]
         self.param_names = [n for block in self.blocks for n in block.param_names]
         first = self._layout_params[0]
@@ -201,26 +179,6 @@ class MLBFGS(torch.optim.Optimizer):
                     lr=param_group.get("lr", 0.0), weight_decay=param_group.get(
                         "weight_decay", 0.0))
         super().add_param_group(param_group)
-
-    def _check_blocks(self, group_params: list[torch.Tensor]) -> None:
-        in_groups = {id(p) for p in group_params}
-        in_blocks = [p for b in self.blocks for p in b.params]
-        if len({id(p) for p in in_blocks}) != len(in_blocks):
-            raise ValueError("blocks must not share parameters")
-        names = {id(p): n for b in self.blocks for n, p in zip(b.param_names, b.params)}
-        missing = [i for i, p in enumerate(group_params) if id(p) not in names]
-        extra = [names[id(p)] for p in in_blocks if id(p) not in in_groups]
-        if missing or extra:
-            raise ValueError(
-                "blocks must cover exactly the optimized (trainable) parameters: "
-                f"params not in any block (param index): {missing}; "
-                f"block params not being optimized: {extra}")
-        dtypes = {p.dtype for p in in_blocks}
-        devices = {p.device for p in in_blocks}
-        if len(dtypes) != 1 or len(devices) != 1 or not next(iter(dtypes)).is_floating_point:
-            raise ValueError("params must share one floating dtype and one device, got "
-                             f"dtypes {sorted(map(str, dtypes))}, devices "
-                             f"{sorted(map(str, devices))}")
 
     def _build_local_layout(self) -> None:
         own = self.ownership
@@ -267,29 +225,20 @@ class MLBFGS(torch.optim.Optimizer):
         sizes = [p.numel() for p in owned_params]
         self._grad_views = list(self._grad.split(sizes))
         self._param_views = list(self._param.split(sizes))
-        cfg = self.config
-        # Research options' buffers (not part of the checkpointed block state).
-        self._pair_s = torch.zeros(n if cfg.pair_momentum else 0, **kw)
-        self._pair_y = torch.zeros(n if cfg.pair_momentum else 0, **kw)
-        uses_v = cfg.h0 == "rmsprop" or cfg.clip == "graft-rms"
-        self._sq_grad = torch.zeros(n if uses_v else 0, **kw)
-        self._rms_step = torch.zeros(n if cfg.clip == "graft-rms" else 0, **kw)
-        noise_aware = cfg.pair_snr or cfg.gamma_mode == "denoised"
-        self._grad_var = torch.zeros(n if noise_aware else 0, **kw)
-        self._h0_source = torch.zeros(n if cfg.h0 == "rmsprop" else 0, **kw)
-        if cfg.h0 == "rmsprop":
-            for b, sl in self._block_slices.items():
-                self._curvature[b].use_diagonal(self._h0_source[sl])
+        # The smoothed pairs of ``pair_momentum`` (off by default, so not in the checkpointed
+        # block state: a run that turns it on restarts the smoothing on resume).
+        self._pair_s = torch.zeros(n if self.config.pair_momentum else 0, **kw)
+        self._pair_y = torch.zeros(n if self.config.pair_momentum else 0, **kw)
         # Scratch for forming (s, y) without touching the ring before the pair is accepted.
         self._scratch_s = torch.zeros(max_block, **kw)
         self._scratch_y = torch.zeros(max_block, **kw)
         # Per owned block, gᵀd, γ, gᵀg and dᵀd of this step, written on the parameters'
         # device and read back by ONE transfer: on a GPU a float() per block would be a
         # host-device synchronisation each (4 per block per step).
-        self._block_scalars = torch.zeros(len(_BLOCK_SCALARS), len(self.owned_blocks), **kw)
+        self._block_scalars = torch.zeros(len(BLOCK_SCALARS), len(self.owned_blocks), **kw)
         self._slots = {name: tuple(self._block_scalars[row, k:k + 1]
                                    for k in range(len(self.owned_blocks)))
-                       for row, name in enumerate(_BLOCK_SCALARS)}
+                       for row, name in enumerate(BLOCK_SCALARS)}
         self._diagnostics = dict.fromkeys(DIAGNOSTIC_KEYS, math.nan)
         self._global = {
             "step": torch.zeros((), dtype=torch.int64),
@@ -316,16 +265,8 @@ class MLBFGS(torch.optim.Optimizer):
 
     @property
     def diagnostics(self) -> dict[str, float]:
-        """What the curvature did in the last step, summarised over blocks with curvature
-        (NaN before the first pair); identical on every rank, not checkpointed.
-
-        ``cos_mean``/``cos_min``: cosine between a block's H·g and its g (1: the curvature
-        does not bend the direction); ``hg_ratio``: geometric mean of ‖H·g‖/‖g‖ (the
-        curvature's own step length, before the guard); ``step_scale``: ‖applied
-        direction‖/‖g‖ over all blocks (after the guard or grafting); ``tau_mean``: mean
-        damping factor τ of the blocks' last offered pairs (τ0 = 1 − damping: undamped
-        beyond τ0).
-        """
+        """What the curvature did in the last step (:data:`~mlbfgs_hpc.stepsize.DIAGNOSTIC_KEYS`),
+        summarised over blocks with curvature; identical on every rank, not checkpointed."""
         return dict(self._diagnostics)
 
     def optimizer_state_bytes(self) -> int:
@@ -367,38 +308,19 @@ class MLBFGS(torch.optim.Optimizer):
         t = int(self._global["step"])
         cfg = self.config
         self._apply_weight_decay()
-        if self._grad_var.numel() and t > 1:
-            # Gradient noise per coordinate: EMA of (g − Mg)², Mg before this step's update.
-            noise = torch.sub(self._grad, self._flat_state["m_grad"], out=self._direction)
-            self._grad_var.mul_(_VAR_BETA).addcmul_(noise, noise, value=1.0 - _VAR_BETA)
         self._update_momentum_buffers(first=(t == 1))
-        if self._sq_grad.numel():
-            if t == 1:
-                torch.mul(self._grad, self._grad, out=self._sq_grad)
-            else:
-                self._sq_grad.mul_(cfg.h0_beta).addcmul_(self._grad, self._grad,
-                                                        value=1.0 - cfg.h0_beta)
         if t % cfg.update_freq == 0:
             if t >= 2 * cfg.update_freq:
-                if cfg.h0 == "rmsprop":
-                    torch.sqrt(self._sq_grad, out=self._h0_source)
-                    self._h0_source.add_(cfg.h0_eps).reciprocal_()
                 self._form_pairs(first=(t == 2 * cfg.update_freq))
             self._flat_state["snap_param"].copy_(self._flat_state["m_param"])
             self._flat_state["snap_grad"].copy_(self._flat_state["m_grad"])
 
         slots = self._slots
-        if cfg.clip == "graft-rms":   # RMSprop's step g/(√v+ε): its block norms are the target
-            torch.sqrt(self._sq_grad, out=self._rms_step)
-            torch.div(self._grad, self._rms_step.add_(cfg.h0_eps), out=self._rms_step)
         curved_slots: list[int] = []
         for k, (b, sl) in enumerate(self._block_slices.items()):
             d, g = self._direction[sl], self._grad[sl]
+            d.copy_(g)
             curvature = self._curvature[b]
-            if curvature.has_curvature and cfg.precondition == "grad_ema":
-                d.copy_(self._flat_state["m_grad"][sl])
-            else:
-                d.copy_(g)
             if curvature.has_curvature:
                 curvature.apply_inverse_hessian_(d)
                 curved_slots.append(k)
@@ -406,68 +328,36 @@ class MLBFGS(torch.optim.Optimizer):
                 torch.mv(g.view(1, -1), g, out=slots["g_sq"][k])
                 torch.mv(d.view(1, -1), d, out=slots["d_sq"][k])
             torch.mv(g.view(1, -1), d, out=slots["g_dot_d"][k])
-            if cfg.clip == "graft-rms":
-                r = self._rms_step[sl]
-                torch.mv(r.view(1, -1), r, out=slots["target_sq"][k])
-                if not curvature.has_curvature:
-                    slots["d_sq"][k].copy_(slots["g_dot_d"][k])
-        rows = dict(zip(_BLOCK_SCALARS, self._block_scalars.tolist()))  # ONE device → host
-        block_stats = _BlockStats.from_rows(rows, curved_slots,
-                                            graft_all=(cfg.clip == "graft-rms"))
-        tau_sum, tau_count, snr_sum, snr_count = 0.0, 0, 0.0, 0
-        for c in self._curvature.values():
-            if math.isfinite(c.last_tau):
-                tau_sum += c.last_tau
-                tau_count += 1
-            if math.isfinite(c.last_snr):
-                snr_sum += c.last_snr
-                snr_count += 1
-        accepted = sum(int(c.accepted) for c in self._curvature.values())
-        rejected = sum(int(c.rejected) for c in self._curvature.values())
-        local = [block_stats.g_dot_d, len(curved_slots), block_stats.gamma_sum, accepted,
-                 rejected, block_stats.cos_sum, block_stats.log_ratio_sum,
-                 block_stats.g_sq_sum, block_stats.d_sq_sum, tau_sum, tau_count,
-                 snr_sum, snr_count, block_stats.measured, block_stats.cos_min]
-        per_rank = self.comm.allgather_scalars(local)
-        # The last column is a minimum, not a sum (its column sum is ignored).
-        (g_dot_d, curved_total, gamma_sum, accepted, rejected, cos_sum, log_ratio_sum,
-         g_sq_sum, d_sq_sum, tau_sum, tau_count, snr_sum, snr_count, measured,
-         _) = _sum_in_rank_order(per_rank)
-        curved_total = int(curved_total)
-        self._global["accepted_pairs"].fill_(int(accepted))
-        self._global["rejected_pairs"].fill_(int(rejected))
-        if curved_total:
-            self._global["last_gamma"].fill_(gamma_sum / curved_total)
+        rows = dict(zip(BLOCK_SCALARS, self._block_scalars.tolist()))  # ONE device → host
+        block_stats = BlockStats.from_rows(rows, curved_slots)
+        taus = [c.last_tau for c in self._curvature.values() if math.isfinite(c.last_tau)]
+        local = block_stats.to_row(
+            accepted=sum(int(c.accepted) for c in self._curvature.values()),
+            rejected=sum(int(c.rejected) for c in self._curvature.values()),
+            curved=len(curved_slots), tau_sum=sum(taus), tau_count=len(taus))
+        totals = StepTotals.from_rank_rows(self.comm.allgather_scalars(local))
+        self._global["accepted_pairs"].fill_(totals.accepted)
+        self._global["rejected_pairs"].fill_(totals.rejected)
+        if totals.curved:
+            self._global["last_gamma"].fill_(totals.gamma_sum / totals.curved)
 
         nu = 1.0
-        applied_sq = d_sq_sum   # ‖direction‖² as applied, for the step-scale diagnostic
-        if not curved_total and cfg.clip == "graft-rms":   # its warm-up is RMSprop-scaled too
-            self._graft_blocks(block_stats)
-        if curved_total:  # the guard acts only once curvature is in use (DESIGN.md §1.7)
-            if not math.isfinite(g_dot_d) or g_dot_d <= 0.0:
+        applied_sq = totals.d_sq_sum   # ‖direction‖² as applied, for the step-scale diagnostic
+        if totals.curved:  # the guard acts only once curvature is in use (DESIGN.md §1.7)
+            if not math.isfinite(totals.g_dot_d) or totals.g_dot_d <= 0.0:
                 self._direction.copy_(self._grad)
                 self._global["sgd_fallbacks"] += 1
-                applied_sq = g_sq_sum
-            elif cfg.clip in ("graft", "graft-rms"):
+                applied_sq = totals.g_sq_sum
+            elif cfg.clip == "graft":
                 self._graft_blocks(block_stats)
-                applied_sq = g_sq_sum
-            elif cfg.clip == "graft-global":  # the whole direction at the gradient's norm
-                self._direction.mul_(math.sqrt(g_sq_sum / d_sq_sum))
-                applied_sq = g_sq_sum
+                applied_sq = totals.g_sq_sum
             elif cfg.clip == "kl":
-                nu = min(1.0, math.sqrt(cfg.kl_clip / g_dot_d))
+                nu = kl_factor(totals.g_dot_d, kl_clip=cfg.kl_clip)
                 if nu < 1.0:
                     self._direction.mul_(nu)
-                applied_sq = nu * nu * d_sq_sum
+                applied_sq = nu * nu * totals.d_sq_sum
         self._global["last_nu"].fill_(nu)
-        self._diagnostics = {
-            "cos_mean": cos_sum / measured if measured else math.nan,
-            "cos_min": float(per_rank[:, -1].min()) if measured else math.nan,
-            "hg_ratio": math.exp(log_ratio_sum / measured) if measured else math.nan,
-            "step_scale": (math.sqrt(applied_sq / g_sq_sum) if g_sq_sum > 0.0 else math.nan),
-            "tau_mean": tau_sum / tau_count if tau_count else math.nan,
-            "snr_mean": snr_sum / snr_count if snr_count else math.nan,
-        }
+        self._diagnostics = totals.diagnostics(applied_sq=applied_sq)
 
         self._apply_outer_momentum(first=(t == 1))
         self.comm.allgatherv_(self._update, self.ownership.counts, self.ownership.offsets,
@@ -509,21 +399,6 @@ class MLBFGS(torch.optim.Optimizer):
             torch.sub(state["m_param"][sl], state["snap_param"][sl], out=s)
             torch.sub(state["m_grad"][sl], state["snap_grad"][sl], out=y)
             curvature = self._curvature[b]
-            noise_energy = 0.0
-            if self._grad_var.numel():
-                # y = difference of two EMAs of the gradient T steps apart: its noise has
-                # variance c·σ² per coordinate, c = 2(1 − β^T)(1 − β)/(1 + β).
-                beta = cfg.beta_grad
-                c = 2.0 * (1.0 - beta ** cfg.update_freq) * (1.0 - beta) / (1.0 + beta)
-                var = self._grad_var[sl]
-                noise_energy = c * float(var.sum())
-                noise_var = c * float(torch.dot(s * s, var))
-                snr = float(torch.dot(s, y)) / math.sqrt(noise_var) if noise_var > 0 else math.inf
-                curvature.last_snr = snr
-                if cfg.pair_snr and snr < cfg.pair_snr:
-                    curvature.rejected += 1
-                    curvature.refresh_diagonal()
-                    continue
             if cfg.pair_momentum:
                 smooth_s, smooth_y = self._pair_s[sl], self._pair_y[sl]
                 if first:
@@ -534,12 +409,9 @@ class MLBFGS(torch.optim.Optimizer):
                     smooth_y.lerp_(y, 1.0 - cfg.pair_momentum)
                 s.copy_(smooth_s)
                 y.copy_(smooth_y)
-            if cfg.curvature_shift:
-                y.add_(s, alpha=cfg.curvature_shift)
-            if not curvature.offer_pair(s, y, config=cfg, noise_energy=noise_energy):
-                curvature.refresh_diagonal()
+            curvature.offer_pair(s, y, config=cfg)
 
-    def _graft_blocks(self, stats: _BlockStats) -> None:
+    def _graft_blocks(self, stats: BlockStats) -> None:
         """Per-block grafting: each curved block's H·g rescaled to the norm of its g.
 
         The curvature chooses the direction inside a block, the gradient (SGD) its length
@@ -590,17 +462,12 @@ class MLBFGS(torch.optim.Optimizer):
             include_blocks: ``False`` leaves ``state`` empty (no copy of the per-block
                 buffers); the checkpoint writer takes those from :meth:`block_state` instead.
         """
-        param_index = {id(p): i for i, p in enumerate(
-            p for g in self.param_groups for p in g["params"])}
-        groups = [{**{k: v for k, v in g.items() if k != "params"},
-                   "params": [param_index[id(p)] for p in g["params"]]}
-                  for g in self.param_groups]
         return {
             "format_version": STATE_FORMAT_VERSION,
             "state": {b: {k: v.clone() for k, v in self.block_state(b).items()}
                       for b in (self.owned_blocks if include_blocks else ())},
             "global": {k: v.clone() for k, v in self._global.items()},
-            "param_groups": groups,
+            "param_groups": param_group_table(self.param_groups),
             "config": self.config.to_dict(),
             "blocks": [{"name": b.name, "param_names": list(b.param_names), "numel": b.numel}
                        for b in self.blocks],
@@ -613,23 +480,8 @@ class MLBFGS(torch.optim.Optimizer):
             ValueError: the block table differs from this optimizer's, or a block this rank
                 owns is missing from ``state_dict``.
         """
-        if state_dict.get("format_version") != STATE_FORMAT_VERSION:
-            raise ValueError(f"unsupported optimizer state format_version "
-                             f"{state_dict.get('format_version')!r}, "
-                             f"expected {STATE_FORMAT_VERSION}")
-        saved = [(b["name"], tuple(b["param_names"]), int(b["numel"]))
-                 for b in state_dict["blocks"]]
-        mine = [(b.name, b.param_names, b.numel) for b in self.blocks]
-        if saved != mine:
-            diff = [f"block {i}: saved {s} vs model {m}" for i, (s, m) in
-                    enumerate(zip(saved, mine)) if s != m]
-            raise ValueError("optimizer state was saved for other blocks: "
-                             f"{len(saved)} saved vs {len(mine)} blocks; " + "; ".join(diff[:5]))
-        missing = [b for b in self.owned_blocks if b not in state_dict["state"]]
-        if missing:
-            raise ValueError(f"optimizer state lacks owned blocks {missing}")
-        if len(state_dict["param_groups"]) != len(self.param_groups):
-            raise ValueError("optimizer state has a different number of param groups")
+        check_saved_state(state_dict, blocks=self.blocks, owned_blocks=self.owned_blocks,
+                          n_groups=len(self.param_groups))
         for b in self.owned_blocks:
             saved_block = state_dict["state"][b]
             sl = self._block_slices[b]
@@ -644,65 +496,6 @@ class MLBFGS(torch.optim.Optimizer):
                     group[key] = value
 
 
-#: EMA factor of the per-coordinate gradient-noise estimate (``pair_snr``).
-_VAR_BETA = 0.99
-#: Per-block scalars of one step, one row each of the read-back matrix.
-_BLOCK_SCALARS: tuple[str, ...] = ("g_dot_d", "gamma", "g_sq", "d_sq", "target_sq")
-#: Per-step read-outs of what the curvature did (see :attr:`MLBFGS.diagnostics`).
-DIAGNOSTIC_KEYS: tuple[str, ...] = ("cos_mean", "cos_min", "hg_ratio", "step_scale", "tau_mean",
-                                     "snr_mean")
-
-
-@dataclass(frozen=True)
-class _BlockStats:
-    """This rank's per-block scalars of one step, summed in block order (as Python floats,
-    so every rank and every world size adds them identically)."""
-
-    g_dot_d: float
-    gamma_sum: float
-    g_sq_sum: float
-    d_sq_sum: float
-    cos_sum: float
-    cos_min: float
-    log_ratio_sum: float
-    measured: int   # curved blocks with ‖g‖, ‖H·g‖ > 0: those in cos_* and log_ratio_sum
-    graft_scales: dict[int, float]
-
-    @classmethod
-    def from_rows(cls, rows: dict[str, list[float]], curved: list[int], *,
-                  graft_all: bool = False) -> _BlockStats:
-        """``graft_all``: graft every block to the norm in ``rows["target_sq"]`` (not only the
-        curved ones to their gradient's norm)."""
-        g_dot_d = gamma_sum = g_sq_sum = d_sq_sum = cos_sum = log_ratio_sum = 0.0
-        cos_min, measured = math.inf, 0
-        scales: dict[int, float] = {}
-        curved_set = set(curved)
-        for k, gd in enumerate(rows["g_dot_d"]):
-            g_dot_d += gd
-            if graft_all:
-                d_sq = rows["d_sq"][k]
-                scales[k] = math.sqrt(rows["target_sq"][k] / d_sq) if d_sq > 0.0 else math.nan
-            if k not in curved_set:  # d = g: its norms are gᵀd
-                g_sq_sum += gd
-                d_sq_sum += gd
-                continue
-            g_sq, d_sq = rows["g_sq"][k], rows["d_sq"][k]
-            gamma_sum += rows["gamma"][k]
-            g_sq_sum += g_sq
-            d_sq_sum += d_sq
-            if not graft_all:
-                scales[k] = math.sqrt(g_sq / d_sq) if d_sq > 0.0 else math.nan
-            if g_sq > 0.0 and d_sq > 0.0:
-                cos = gd / math.sqrt(g_sq * d_sq)
-                cos_sum += cos
-                cos_min = min(cos_min, cos)
-                log_ratio_sum += 0.5 * math.log(d_sq / g_sq)
-                measured += 1
-        return cls(g_dot_d=g_dot_d, gamma_sum=gamma_sum, g_sq_sum=g_sq_sum,
-                   d_sq_sum=d_sq_sum, cos_sum=cos_sum, cos_min=cos_min,
-                   log_ratio_sum=log_ratio_sum, measured=measured, graft_scales=scales)
-
-
 def _all_finite(flat: torch.Tensor) -> bool:
     """Whether every entry is finite, without an O(n) temporary on the usual path.
 
@@ -714,12 +507,3 @@ def _all_finite(flat: torch.Tensor) -> bool:
     if math.isfinite(float(flat.sum())):
         return True
     return bool(torch.isfinite(flat).all())
-
-
-def _sum_in_rank_order(per_rank: Any) -> list[float]:
-    """Column sums of a (ranks × values) array, added in rank order on every rank."""
-    totals = [0.0] * per_rank.shape[1]
-    for row in per_rank:
-        for j, value in enumerate(row):
-            totals[j] += float(value)
-    return totals

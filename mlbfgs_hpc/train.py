@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -34,117 +33,17 @@ from . import checkpoint as ckpt
 from . import cli, runconfig
 from .blocks import build_blocks
 from .cli import UsageError
-from .comm import (
-    GRAD_BACKENDS,
-    GRAD_REDUCE_MODES,
-    GradientReducer,
-    LocalCommunicator,
-    init_communicator,
-)
-from .config import CLIP_MODES, GAMMA_MODES, H0_MODES, PRECONDITION_MODES, MLBFGSConfig
-from .data import DATASET_NAMES, DatasetSplit, GlobalBatchSampler, load_dataset, shard_bounds
-from .models import MODEL_NAMES, SEQUENCE_MODELS, build_model
+from .comm import GradientReducer, LocalCommunicator, init_communicator
+from .data import DatasetSplit, GlobalBatchSampler, load_dataset, shard_bounds
+from .device import resolve_device
+from .models import SEQUENCE_MODELS, build_model
 from .optimizer import MLBFGS
+from .options import DEFAULT_LR, NODE_AWARE_CHOICES, build_parser
 from .rundir import RunDirBusyError, hold_run_dir
 from .seeding import seed_everything
 from .signals import EXIT_OK, EXIT_REQUEUE, StopRequest, process_age_seconds
 
 logger = logging.getLogger("mlbfgs_hpc.train")
-
-OPTIMIZERS = ("mlbfgs", "sgd", "adam", "lbfgs")
-NODE_AWARE_CHOICES = {"auto": None, "on": True, "off": False}
-SCHEDULES = ("none", "cosine", "step")
-DEFAULT_LR = {"mlbfgs": 0.1, "sgd": 0.05, "adam": 1e-3, "lbfgs": 0.1}
-_DEFAULTS = MLBFGSConfig()
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = cli.ArgumentParser(
-        prog="mlbfgs-train", formatter_class=cli.HelpFormatter,
-        description="Train a model with mL-BFGS (or a baseline) on one process or many MPI "
-                    "ranks. With no arguments: a short Fashion-MNIST run of the small CNN.")
-    a = p.add_argument
-    a("--model", choices=MODEL_NAMES, default="cnn")
-    a("--dataset", choices=DATASET_NAMES, default="fashion-mnist",
-      help="python-stdlib (next-character prediction) goes with --model transformer")
-    a("--data-root", default=None, help="directory of the Fashion-MNIST idx.gz files "
-      "(python-stdlib: of the *.py files; default this Python's standard library)")
-    a("--width", type=int, default=None,
-      help="model width: resnet18 base channels (default 64), transformer d_model (64)")
-    a("--depth", type=int, default=None, help="transformer layers (default 4)")
-    a("--optimizer", choices=OPTIMIZERS, default="mlbfgs")
-    a("--epochs", type=float, default=2.0, help="length of the run in epochs")
-    a("--steps", type=int, default=None, help="length in optimizer steps (overrides --epochs)")
-    a("--batch-size", type=int, default=128, help="GLOBAL batch size, over all ranks")
-    a("--lr", type=float, default=None,
-      help=f"learning rate (default per optimizer: {DEFAULT_LR})")
-    a("--schedule", choices=SCHEDULES, default="cosine")
-    a("--step-size", type=int, default=None,
-      help="'step' schedule: steps between decays (default: a third of the run)")
-    a("--gamma", type=float, default=0.1, help="'step' schedule: decay factor")
-    a("--warmup-steps", type=int, default=0,
-      help="linear lr warm-up over this many steps before the schedule (0: none)")
-    a("--weight-decay", type=float, default=0.0)
-    a("--momentum", type=float, default=_DEFAULTS.momentum,
-      help="outer momentum of mlbfgs, momentum of sgd")
-    a("--nesterov", action="store_true")
-    a("--history-size", type=int, default=_DEFAULTS.history_size)
-    a("--update-freq", type=int, default=_DEFAULTS.update_freq)
-    a("--beta-param", type=float, default=_DEFAULTS.beta_param)
-    a("--beta-grad", type=float, default=_DEFAULTS.beta_grad)
-    a("--damping", type=float, default=_DEFAULTS.damping)
-    a("--sigma-low", type=float, default=_DEFAULTS.sigma_low)
-    a("--sigma-high", type=float, default=_DEFAULTS.sigma_high)
-    a("--curvature-eps", type=float, default=_DEFAULTS.curvature_eps)
-    a("--clip", choices=CLIP_MODES, default=_DEFAULTS.clip)
-    a("--kl-clip", type=float, default=_DEFAULTS.kl_clip)
-    a("--pair-momentum", type=float, default=_DEFAULTS.pair_momentum)
-    a("--precondition", choices=PRECONDITION_MODES, default=_DEFAULTS.precondition)
-    a("--curvature-shift", type=float, default=_DEFAULTS.curvature_shift)
-    a("--h0", choices=H0_MODES, default=_DEFAULTS.h0)
-    a("--h0-beta", type=float, default=_DEFAULTS.h0_beta)
-    a("--h0-eps", type=float, default=_DEFAULTS.h0_eps)
-    a("--pair-snr", type=float, default=_DEFAULTS.pair_snr)
-    a("--gamma-mode", choices=GAMMA_MODES, default=_DEFAULTS.gamma_mode)
-    a("--block-size", type=int, default=None,
-      help="parameters per curvature block (default: one layer per block)")
-    a("--seed", type=int, default=0)
-    a("--run-dir", default="runs/default", help="metrics.jsonl and checkpoints/ go here")
-    a("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: off)")
-    a("--checkpoint-minutes", type=float, default=0.0,
-      help="checkpoint every M minutes of wall-clock (0: off)")
-    a("--keep", type=int, default=3, help="keep the newest K checkpoints")
-    a("--stop-after", type=float, default=0.0,
-      help="checkpoint and exit with 99 once this many seconds of this process have passed "
-           "(0: off); for schedulers whose warning signal cannot reach the ranks")
-    a("--step-sleep", type=float, default=0.0,
-      help="sleep this long after every step: rehearse a job script's signal/requeue cycle "
-           "with a small model (does not change the mathematics)")
-    a("--resume", default="auto",
-      help="'auto' (newest valid checkpoint in the run dir, if any), 'never', or a path")
-    a("--grad-backend", choices=GRAD_BACKENDS, default="horovod",
-      help="how gradients are averaged across ranks")
-    a("--grad-reduce", choices=GRAD_REDUCE_MODES, default="allreduce",
-      help="'allreduce' (every rank receives the whole average; launched during the "
-           "backward pass; measured faster, BENCHMARKS.md) or, mlbfgs only, "
-           "'reducescatter' (each rank receives only the blocks it owns: about half the "
-           "bytes on the network)")
-    a("--node-aware", choices=NODE_AWARE_CHOICES, default="auto",
-      help="combine inside each host first so one copy per host crosses the network "
-           "(gradient reduce-scatter and update Allgatherv); 'auto': when a host runs "
-           "more than one rank of a multi-host job")
-    a("--log-every", type=int, default=10, help="metrics.jsonl line every N steps")
-    a("--eval-every", type=int, default=0, help="test-set evaluation every N steps "
-                                                "(0: at the end of every epoch)")
-    a("--synthetic-size", type=int, default=2048)
-    a("--device", default="auto",
-      help="'auto' (this rank's GPU when CUDA is available, else the CPU), 'cpu', 'cuda' "
-           "(GPU number local rank modulo the GPUs this host has) or 'cuda:N'")
-    a("--threads", type=int, default=None,
-      help="torch intra-op threads per rank (default: cores / ranks on this host)")
-    a("--quiet", action="store_true", help="no progress bar")
-    return p
-
 
 def main(argv: list[str] | None = None) -> int:
     """The ``mlbfgs-train`` process: parse, train, return the exit code (see ``signals``).
@@ -177,43 +76,6 @@ def main(argv: list[str] | None = None) -> int:
         # Not the listener: Python resets its own handlers to the default action while it
         # shuts down. A first SIGTERM then still terminates, as it should.
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-
-
-def resolve_device(spec: str, *, local_rank: int = 0) -> torch.device:
-    """The device a rank trains on, from ``--device``.
-
-    ``auto`` is the GPU when CUDA is available, else the CPU. A bare ``cuda`` (and ``auto``)
-    gives each rank on a host its own GPU, ``local_rank`` modulo the GPUs the host has (the
-    usual one-rank-per-GPU launch); ranks beyond the GPU count share GPUs round-robin.
-
-    Args:
-        spec: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        local_rank: this rank's index among the ranks on its host (>= 0).
-
-    Raises:
-        UsageError: an unknown spec, or CUDA asked for where there is none (or no GPU N).
-        ValueError: a negative ``local_rank``.
-    """
-    if local_rank < 0:
-        raise ValueError(f"local_rank must be >= 0, got {local_rank}")
-    if spec == "cpu":
-        return torch.device("cpu")
-    if spec == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        spec = "cuda"
-    if spec != "cuda" and not spec.startswith("cuda:"):
-        raise UsageError(f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {spec!r}")
-    if not torch.cuda.is_available():
-        raise UsageError(f"--device {spec}: CUDA is not available to this torch "
-                         f"({torch.__version__}); use --device cpu or auto")
-    count = torch.cuda.device_count()
-    if spec == "cuda":
-        return torch.device("cuda", local_rank % count)
-    index = spec.removeprefix("cuda:")
-    if not index.isdigit() or int(index) >= count:
-        raise UsageError(f"--device {spec}: this host has GPUs 0..{count - 1}")
-    return torch.device("cuda", int(index))
 
 
 def _setup_logging(rank: int) -> None:
@@ -314,10 +176,7 @@ class Trainer:
                 damping=a.damping, sigma_low=a.sigma_low, sigma_high=a.sigma_high,
                 curvature_eps=a.curvature_eps, clip=a.clip, kl_clip=a.kl_clip,
                 momentum=a.momentum, nesterov=a.nesterov, pair_momentum=a.pair_momentum,
-                precondition=a.precondition, curvature_shift=a.curvature_shift, h0=a.h0,
-                h0_beta=a.h0_beta, h0_eps=a.h0_eps, pair_snr=a.pair_snr,
-                gamma_mode=a.gamma_mode, comm=self.comm,
-                grad_backend=a.grad_backend, grad_reduce=a.grad_reduce,
+                comm=self.comm, grad_backend=a.grad_backend, grad_reduce=a.grad_reduce,
                 node_aware=NODE_AWARE_CHOICES[a.node_aware])
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.reducer = self.comm.gradient_reducer(named, backend=a.grad_backend)

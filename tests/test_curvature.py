@@ -342,37 +342,3 @@ def test_compact_matrix_zero_for_empty_slots_and_rejects_bad_order() -> None:
         compact_middle_matrix(w[:3, :3], w[:3, :3], curv.rho[:3], [3], 1.0)
     with pytest.raises(ValueError, match="order"):
         compact_middle_matrix(w[:3, :3], w[:3, :3], curv.rho[:3], [], 1.0)
-
-
-# ---- diagonal H0 ------------------------------------------------------------------------------
-@pytest.mark.parametrize("offered", [1, 3, 7])
-def test_diagonal_h0_equals_dense_bfgs_recursion(offered: int) -> None:
-    """With ``use_diagonal(D̃)``: H0 = c·D̃, c = sᵀy/(yᵀD̃y) of the newest pair, then BFGS."""
-    n, m = 12, 5
-    curv = new_curvature(n, m)
-    diag = torch.logspace(-2, 1, n, dtype=F64)[torch.randperm(n, generator=torch.Generator()
-                                                               .manual_seed(1))]
-    curv.use_diagonal(diag)
-    pairs = positive_pairs(offered, n, seed=10 + offered)
-    for s, y in pairs:
-        assert curv.offer_pair(s.clone(), y.clone(), config=NO_DAMPING)
-    kept = [(s.numpy(), y.numpy()) for s, y in pairs[-m:]]
-    s_new, y_new = kept[-1]
-    d = diag.numpy()
-    h = float(s_new @ y_new) / float(y_new @ (d * y_new)) * np.diag(d)
-    for s, y in kept:
-        rho = 1.0 / float(s @ y)
-        v = np.eye(n) - rho * np.outer(y, s)
-        h = v.T @ h @ v + rho * np.outer(s, s)
-    g = torch.randn(n, generator=torch.Generator().manual_seed(3), dtype=F64)
-    np.testing.assert_allclose(curv.apply_inverse_hessian_(g.clone()).numpy(), h @ g.numpy(),
-                               rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(curv.two_loop_(g.clone()).numpy(), h @ g.numpy(),
-                               rtol=1e-10, atol=1e-12)
-    # The diagonal is re-read only on refresh: W and H0 stay consistent in between.
-    diag.mul_(3.0)
-    before = curv.apply_inverse_hessian_(g.clone())
-    np.testing.assert_allclose(before.numpy(), h @ g.numpy(), rtol=1e-10, atol=1e-12)
-    curv.refresh_diagonal()   # c rescales with D̃, so H0 = c·D̃ and H are unchanged
-    np.testing.assert_allclose(curv.apply_inverse_hessian_(g.clone()).numpy(), h @ g.numpy(),
-                               rtol=1e-10, atol=1e-12)

@@ -826,3 +826,38 @@ def test_huge_but_finite_gradient_is_not_skipped() -> None:
     p.grad = torch.tensor([3e38, -3e38, math.inf, 0.0])   # one Inf entry: skipped
     opt.step()
     assert opt.counters["skipped_steps"] == 1
+
+
+def test_pair_momentum_offers_the_ema_of_successive_pairs() -> None:
+    """``pair_momentum=p``: the pair offered at the k-th pair step is s̄ₖ = p·s̄ₖ₋₁ + (1−p)·sₖ
+    (s̄₁ = s₁), sₖ = Mθ − snapshot as without it; on a quadratic ȳ = A·s̄ is accepted, and the
+    ring's newest row is s̄ₖ. The default (0) offers the raw pairs."""
+    n, period, beta, p = 6, 2, 0.9, 0.5
+    gen = torch.Generator().manual_seed(7)
+    basis, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    hessian = basis @ torch.diag(torch.linspace(0.5, 2.0, n, dtype=torch.float64)) @ basis.T
+    target = torch.randn(n, generator=gen, dtype=torch.float64)
+    for pair_momentum in (p, 0.0):
+        theta = nn.Parameter(torch.zeros(n, dtype=torch.float64))
+        opt = MLBFGS([theta], lr=0.1, update_freq=period, beta_param=beta, beta_grad=beta,
+                     damping=0.0, momentum=0.0, pair_momentum=pair_momentum)
+        smoothed: torch.Tensor | None = None
+        offered = 0
+        for t in range(1, 6 * period + 1):
+            state = opt.block_state(0)
+            m_param = (theta.detach().clone() if t == 1 else
+                       state["m_param"].clone().lerp_(theta.detach(), 1.0 - beta))
+            snapshot = state["snap_param"].clone()
+            theta.grad = hessian @ theta.detach() - target
+            opt.step()
+            if t % period or t < 2 * period:
+                continue
+            raw = m_param - snapshot
+            smoothed = raw if smoothed is None else smoothed * p + raw * (1.0 - p)
+            offered += 1
+            curvature = opt._curvature[0]
+            newest = (int(curvature.head) - 1) % curvature.history_size
+            expected = smoothed if pair_momentum else raw
+            torch.testing.assert_close(curvature.S[newest], expected, rtol=1e-12, atol=1e-14)
+        assert offered == 5 and opt.counters["accepted_pairs"] == 5
+        assert not torch.allclose(smoothed, raw)   # the EMA did differ from the raw pair

@@ -23,6 +23,17 @@ horovod_version=0.28.1
 torch_version=2.13.0
 log() { echo "[bootstrap] $*" >&2; }
 
+# One bootstrap per environment at a time: two `tools/train.sh` started side by side on a
+# machine whose stamps are stale both ran `pip install -e` at once, and one died on the
+# other's half-written console scripts. The lock is an open file descriptor (flock), so the
+# kernel drops it when this script ends, however it ends.
+mkdir -p "$(dirname "$venv")"
+exec 9>"${venv%/}.bootstrap.lock"
+if ! flock -n 9; then
+  log "waiting for another bootstrap of $venv to finish"
+  flock 9
+fi
+
 # ---- 1. Debian packages -------------------------------------------------------------
 apt_packages=(openmpi-bin libopenmpi-dev hdf5-tools dataset-fashion-mnist
               slurm-wlm slurm-wlm-torque munge iproute2 util-linux procps)

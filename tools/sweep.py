@@ -59,8 +59,10 @@ def _records(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _finished(run_dir: Path) -> bool:
-    """The run ended (to the last step, or stopped on a non-finite loss): ``done.json``."""
-    return (run_dir / "done.json").is_file()
+    """The run ended: to the last step (a ``summary`` record), or stopped on a non-finite
+    loss (``done.json``, written when its batch of runs returns)."""
+    return (run_dir / "done.json").is_file() or any(
+        r["event"] == "summary" for r in _records(run_dir))
 
 
 def run(args: argparse.Namespace) -> None:

@@ -70,10 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "BENCHMARKS.md)")
     p.add_argument("--jobs", type=int, default=max(1, os.cpu_count() or 1),
                    help="training runs in parallel in the tta section")
-    p.add_argument("--fmnist-epochs", type=float, default=3.0,
-                   help="epochs of the final (3-seed) Fashion-MNIST runs")
-    p.add_argument("--fmnist-sweep-epochs", type=float, default=0.5,
-                   help="epochs of the Fashion-MNIST lr-sweep runs (seed 0)")
+    p.add_argument("--tasks", default="mlp-digits,cnn-fmnist-b128",
+                   help="comma-separated time-to-accuracy tasks of tools/bench/tta.py: "
+                        "mlp-digits, cnn-fmnist-b128, cnn-fmnist-b1024, cnn-fmnist-b4096, "
+                        "lm-pystdlib, resnet18w8-fmnist")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite summary.md from an existing --out/results.json, run nothing")
     p.add_argument("--assets", default=None,
@@ -269,8 +269,7 @@ def _tta(args: argparse.Namespace, out: Path, results: dict[str, Any],
                            "targets": list(bench_tta.TARGETS), "lr_grid": bench_tta.LR_GRID}
     rows: list[dict[str, Any]] = []
     pngs: list[Path] = []
-    for task in bench_tta.default_tasks(quick=args.quick, fmnist_epochs=args.fmnist_epochs,
-                                        fmnist_sweep_epochs=args.fmnist_sweep_epochs):
+    for task in bench_tta.default_tasks(quick=args.quick, names=tuple(args.tasks.split(","))):
         task_result = bench_tta.run_task(task, root=out / "tta", jobs=args.jobs,
                                          threads=args.threads)
         res["tasks"].append(bench_tta.analyse(

@@ -153,18 +153,24 @@ def _md_tta(res: dict[str, Any]) -> str:
            f"Normalised clock: steps × per-iteration median from the overhead section "
            f"({res.get('iteration_ms_source') or 'not available'})."]
     for t in res["tasks"]:
+        metric = t.get("metric", "test_accuracy")
+        word = "accuracy" if metric == "test_accuracy" else "loss"
         if not t.get("swept", True):
             protocol = "no lr sweep (--quick: middle lr of the grid)"
         elif t["full_grid"]:
-            protocol = f"full lr grid × seeds, best lr = fewest steps to {t['targets'][-1]:.0%}"
+            protocol = f"full lr grid × seeds, best lr = fewest steps to {t['targets'][-1]:g}"
         else:
-            protocol = (f"lr sweep on {t.get('sweep_seeds', 1)} seed(s) over "
-                        f"{t['sweep_epochs']:g} epoch(s), best lr = highest median final "
-                        "test accuracy")
-        out.append(f"### {t['task']} ({t['model']} on {t['dataset']}): final runs "
-                   f"{t['epochs']:g} epochs, seeds {t['seeds']}, eval every "
-                   f"{t['eval_every']} steps; {protocol}")
-        keys = [f"{int(round(100 * x))}" for x in t["targets"]]
+            protocol = (f"lr sweep on {t.get('sweep_seeds', 1)} seed(s) over the first "
+                        f"{t.get('sweep_fraction', 0.5):g} of the run, best lr = best median "
+                        f"final test {word}")
+        out.append(f"### {t['task']} ({t['model']} on {t['dataset']}, global batch "
+                   f"{t.get('batch_size', 128)}): final runs {t.get('steps')} steps, seeds "
+                   f"{t['seeds']}, eval every {t['eval_every']} steps, warm-up "
+                   f"{t.get('warmup_fraction', 0):g} of the run; {protocol}")
+        keys = [x if isinstance(x, str) else
+                (f"{int(round(100 * x))}" if metric == "test_accuracy" else f"{x:g}")
+                for x in t["targets"]]
+        unit = " %" if metric == "test_accuracy" else f" ({word})"
         out.append(common.markdown_table(
             ["optimizer", "best lr", "final test accuracy", "final test loss",
              "train s (raw)"],
@@ -174,7 +180,8 @@ def _md_tta(res: dict[str, Any]) -> str:
         rows = []
         for k in keys:
             for opt, e in t["per_optimizer"].items():
-                rows.append([f"{k} %", opt, e[f"reached_{k}"], f(e[f"steps_to_{k}"], digits=0),
+                rows.append([f"{k}{unit}", opt, e[f"reached_{k}"],
+                             f(e[f"steps_to_{k}"], digits=0),
                              f(e[f"epochs_to_{k}"], digits=2), f(e[f"seconds_to_{k}"], digits=2),
                              f(e[f"time_ratio_to_sgd_{k}"], digits=2),
                              f(e.get(f"norm_time_ratio_to_sgd_{k}", {}), digits=2)])
@@ -196,12 +203,14 @@ def _md_tta(res: dict[str, Any]) -> str:
         if sweep:
             cells: dict[tuple[str, float], list[str]] = {}
             for r in sorted(sweep, key=lambda r: (r["optimizer"], r["lr"], r["seed"])):
+                value = r["final_accuracy"] if metric == "test_accuracy" else r[
+                    "final_test_loss"]
                 cells.setdefault((r["optimizer"], r["lr"]), []).append(
-                    "div" if r.get("error") else f"{r['final_accuracy']:.3f}")
-            out.append(f"lr sweep, final test accuracy per seed (`div`: stopped on a "
+                    "div" if r.get("error") else f"{value:.3f}")
+            out.append(f"lr sweep, final test {word} per seed (`div`: stopped on a "
                        f"non-finite loss; **bold**: chosen):")
             out.append(common.markdown_table(
-                ["optimizer", "lr", "final test accuracy per sweep seed"],
+                ["optimizer", "lr", f"final test {word} per sweep seed"],
                 [[opt, f"**{lr:g}**" if lr == t["best_lr"][opt] else f"{lr:g}",
                   " / ".join(accs)] for (opt, lr), accs in cells.items()]))
     return "\n\n".join(out)

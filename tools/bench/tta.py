@@ -13,7 +13,7 @@ Protocol (the same budget for every optimizer):
   every step; the best lr per optimizer is the one with the fewest median steps to 90 %
   (ties and "never": the highest median final accuracy).
 * **Fashion-MNIST / small CNN** (469 steps per epoch, ~100× dearer per step): the sweep
-  runs 2 seeds of the final run *truncated* after ``sweep_epochs`` (same cosine schedule
+  runs 2 seeds of the final run *truncated* after ``sweep_fraction`` of it (same schedule
   over ``epochs``, stopped early), the best lr is the one with the highest median test
   accuracy at that point (a diverged run counts as 0); then 3 seeds at that lr for
   ``epochs``, with a test evaluation every ``eval_every`` steps (a quarter epoch).
@@ -59,36 +59,69 @@ LR_GRID: dict[str, tuple[float, ...]] = {
 
 @dataclass(frozen=True)
 class Task:
-    """One model/dataset pair of the comparison.
+    """One model/dataset/batch-size setting of the comparison.
 
     Args:
         name: label used in file names and tables.
         model: ``--model`` of the driver.
         dataset: ``--dataset`` of the driver.
-        epochs: length of the final (multi-seed) runs.
-        eval_every: steps between test evaluations in the final runs.
-        full_grid: sweep every lr on every seed (cheap tasks) instead of 1 seed, short runs.
-        sweep_epochs: length of the sweep runs when not ``full_grid``.
-        sweep_seeds: number of seeds (the first ones of ``seeds``) the sweep runs when not
-            ``full_grid``; the best lr maximises the median final accuracy over them.
+        eval_every: steps between test evaluations.
+        full_grid: every lr on every seed (cheap tasks) instead of a sweep, then finals.
+        epochs: length of the final (multi-seed) runs in epochs (or ``steps``).
+        steps: length of the final runs in optimizer steps (overrides ``epochs``).
+        sweep_fraction: a sweep run is the final run truncated after this fraction of its
+            steps (same schedule, stopped early) when not ``full_grid``.
+        sweep_seeds: number of seeds (the first ones of ``seeds``) the sweep runs; the best
+            lr maximises (accuracy) or minimises (loss) the median metric at the sweep's end.
         seeds: seeds of the final runs.
         sweep: sweep the lr grid at all; ``False`` (``--quick`` only) takes the middle lr.
         log_every: steps between training-loss records.
-        targets: test accuracies to time; the last one also picks the lr of a full grid.
+        targets: metric values to time; the last one also picks the lr of a full grid.
+        metric: ``"test_accuracy"`` (higher is better) or ``"test_loss"`` (lower is better).
+        batch_size: global batch size.
+        warmup_fraction: linear lr warm-up over this fraction of the run, for every optimizer.
+        lr_grid: per-optimizer lr grids (default :data:`LR_GRID`).
+        flags: extra driver flags per optimizer, e.g. mL-BFGS's ``--update-freq`` scaled to
+            the batch size (``(("mlbfgs", ("--update-freq", "10")),)``).
     """
 
     name: str
     model: str
     dataset: str
-    epochs: float
     eval_every: int
     full_grid: bool
-    sweep_epochs: float = 1.0
+    epochs: float | None = None
+    steps: int | None = None
+    sweep_fraction: float = 0.5
     sweep_seeds: int = 1
     seeds: tuple[int, ...] = (0, 1, 2)
     sweep: bool = True
     log_every: int = 10
     targets: tuple[float, ...] = TARGETS
+    metric: str = "test_accuracy"
+    batch_size: int = 128
+    warmup_fraction: float = 0.0
+    lr_grid: tuple[tuple[str, tuple[float, ...]], ...] | None = None
+    flags: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric == "test_accuracy"
+
+    def grid(self, optimizer: str) -> tuple[float, ...]:
+        return dict(self.lr_grid or ()).get(optimizer, LR_GRID[optimizer])
+
+    def total_steps(self) -> int:
+        if self.steps is not None:
+            return self.steps
+        return max(1, round((self.epochs or 1.0) * _steps_per_epoch(self)))
+
+    def extra_flags(self, optimizer: str) -> list[str]:
+        flags = ["--batch-size", str(self.batch_size)]
+        warmup = round(self.warmup_fraction * self.total_steps())
+        if warmup:
+            flags += ["--warmup-steps", str(warmup)]
+        return flags + list(dict(self.flags).get(optimizer, ()))
 
 
 @dataclass
@@ -119,9 +152,12 @@ class RunResult:
     eval_seconds: float = 0.0
     wall_seconds: float = 0.0
 
-    def first_reaching(self, target: float) -> dict[str, float] | None:
+    def first_reaching(self, target: float, metric: str = "test_accuracy"
+                       ) -> dict[str, float] | None:
+        """The first evaluation at or beyond ``target`` (≥ for accuracy, ≤ for loss)."""
         for record in self.evals:
-            if record["test_accuracy"] >= target:
+            value = record[metric]
+            if value >= target if metric == "test_accuracy" else value <= target:
                 return record
         return None
 
@@ -138,26 +174,72 @@ class RunResult:
         return float(self.evals[-1]["test_loss"]) if self.evals else math.nan
 
 
-def default_tasks(*, quick: bool, fmnist_epochs: float, fmnist_sweep_epochs: float
-                  ) -> list[Task]:
+def target_key(target: float, metric: str = "test_accuracy") -> str:
+    """Label of a target in tables and result keys: ``90`` (%) or ``1.8`` (loss)."""
+    return f"{int(round(100 * target))}" if metric == "test_accuracy" else f"{target:g}"
+
+
+#: Learning-rate grids fixed before any of these runs (×2 apart, bracketing the batch-128
+#: defaults; ×2 larger per ×8 batch for the large-batch tasks; ×3.16 apart for the language
+#: model, whose scale was unknown).
+_LARGE_BATCH = {1024: ((0.1, 0.2, 0.4), (2e-3, 4e-3, 8e-3)),
+                4096: ((0.2, 0.4, 0.8), (4e-3, 8e-3, 1.6e-2))}
+
+
+def _grid(sgd_like: tuple[float, ...], adam: tuple[float, ...]
+          ) -> tuple[tuple[str, tuple[float, ...]], ...]:
+    return tuple((o, adam if o == "adam" else sgd_like) for o in OPTIMIZERS)
+
+
+TASK_NAMES: tuple[str, ...] = ("mlp-digits", "cnn-fmnist-b128", "cnn-fmnist-b1024",
+                               "cnn-fmnist-b4096", "lm-pystdlib", "resnet18w8-fmnist")
+
+
+def default_tasks(*, quick: bool, names: tuple[str, ...] = TASK_NAMES) -> list[Task]:
+    """The comparison's tasks (``names`` selects some), or a minutes-long ``quick`` subset."""
     if quick:
         return [
             Task("mlp-digits", "mlp", "digits", epochs=15, eval_every=1, full_grid=True,
                  seeds=(0,), targets=DIGITS_TARGETS),
-            Task("cnn-fashion-mnist", "cnn", "fashion-mnist", epochs=0.1, eval_every=23,
+            Task("cnn-fmnist-b128", "cnn", "fashion-mnist", epochs=0.1, eval_every=23,
                  full_grid=False, seeds=(0,), sweep=False),
         ]
-    return [
+    tasks = [
         # 90 % falls within 2 epochs (~20 steps) on digits, long before mL-BFGS's first pair
         # (step 2T = 100): the 95/97 % targets are the ones where curvature can matter.
         Task("mlp-digits", "mlp", "digits", epochs=20, eval_every=1, full_grid=True,
              targets=DIGITS_TARGETS),
-        # Two sweep seeds: on one seed a short sweep picks an lr at the edge of stability
-        # (measured: SGD at 0.15 was best on seed 0 and collapsed to 10 % on seed 1).
-        Task("cnn-fashion-mnist", "cnn", "fashion-mnist", epochs=fmnist_epochs,
-             eval_every=117, full_grid=False, sweep_epochs=fmnist_sweep_epochs,
-             sweep_seeds=2),
+        # The embedded default run. Two sweep seeds: on one seed a short sweep picked an lr
+        # at the edge of stability (measured: SGD at 0.15 collapsed to 10 % on seed 1).
+        Task("cnn-fmnist-b128", "cnn", "fashion-mnist", epochs=2, eval_every=117,
+             full_grid=False, sweep_seeds=2, targets=(0.88, 0.89, 0.90),
+             lr_grid=_grid((0.05, 0.1, 0.2), (1e-3, 2e-3, 4e-3))),
     ]
+    # Large global batches (what many ranks give): 10 % warm-up for everyone, mL-BFGS's T
+    # scaled so that a pair still spans ~6–10 k samples as at batch 128 (T = 50).
+    for batch, epochs, period, targets in ((1024, 4, 10, (0.85, 0.88, 0.89)),
+                                           (4096, 8, 5, (0.85, 0.87, 0.88))):
+        sgd_like, adam = _LARGE_BATCH[batch]
+        steps_per_epoch = 60000 // batch
+        tasks.append(Task(
+            f"cnn-fmnist-b{batch}", "cnn", "fashion-mnist", epochs=epochs,
+            eval_every=max(1, steps_per_epoch // 2), full_grid=False, batch_size=batch,
+            warmup_fraction=0.1, targets=targets, lr_grid=_grid(sgd_like, adam),
+            flags=(("mlbfgs", ("--update-freq", str(period))),)))
+    tasks += [
+        # Character LM on Python's own sources: 1000 steps of 64 windows of 64 characters
+        # (~1 epoch); a 2-layer, 120 k-parameter transformer keeps a run to minutes on a core.
+        Task("lm-pystdlib", "transformer", "python-stdlib", steps=1000, eval_every=100,
+             full_grid=False, metric="test_loss", targets=(2.0, 1.8, 1.7), batch_size=64,
+             lr_grid=_grid((0.1, 0.3, 1.0), (1e-3, 3e-3, 1e-2)),
+             flags=tuple((o, ("--depth", "2")) for o in OPTIMIZERS)),
+        # ResNet-18's 41 layers at width 8 (0.18 M parameters): one epoch, a short CPU run.
+        Task("resnet18w8-fmnist", "resnet18", "fashion-mnist", epochs=1, eval_every=117,
+             full_grid=False, targets=(0.85, 0.87, 0.88),
+             lr_grid=_grid((0.05, 0.1, 0.2), (1e-3, 2e-3, 4e-3)),
+             flags=tuple((o, ("--width", "8")) for o in OPTIMIZERS)),
+    ]
+    return [t for t in tasks if t.name in names]
 
 
 # ----------------------------------------------------------------------------- running
@@ -195,9 +277,20 @@ def run_many(specs: list[dict[str, Any]], *, jobs: int) -> list[RunResult]:
     """Run the specs, ``jobs`` at a time, each in a fresh process (clean state, own RNG)."""
     ctx = multiprocessing.get_context("spawn")
     results: list[RunResult | None] = [None] * len(specs)
+    todo = []
+    for i, spec in enumerate(specs):
+        # A run that finished in an earlier (interrupted) harness run is read back, not redone.
+        evals, train, summary = _read_metrics(Path(spec["args"]["run_dir"]) / "metrics.jsonl")
+        if summary:
+            results[i] = RunResult(
+                optimizer=spec["optimizer"], lr=spec["args"]["lr"], seed=spec["args"]["seed"],
+                phase=spec["phase"], evals=evals, train=train, summary=summary)
+        else:
+            (Path(spec["args"]["run_dir"]) / "metrics.jsonl").unlink(missing_ok=True)
+            todo.append(i)
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx,
                                                 max_tasks_per_child=1) as pool:
-        futures = {pool.submit(_run_one, spec): i for i, spec in enumerate(specs)}
+        futures = {pool.submit(_run_one, specs[i]): i for i in todo}
         for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
             i = futures[future]
             spec = specs[i]
@@ -215,20 +308,20 @@ def run_many(specs: list[dict[str, Any]], *, jobs: int) -> list[RunResult]:
                 wall_seconds=status.get("wall_seconds", math.nan))
             r = results[i]
             logger.info("[%d/%d] %s %s lr=%g seed=%d: final acc %.4f%s (%.0f s)", done,
-                        len(specs), spec["task"], r.optimizer, r.lr, r.seed, r.final_accuracy,
+                        len(todo), spec["task"], r.optimizer, r.lr, r.seed, r.final_accuracy,
                         f" ERROR {r.error}" if r.error else "", r.wall_seconds)
     return [r for r in results if r is not None]
 
 
-def _spec(task: Task, optimizer: str, lr: float, seed: int, *, phase: str, epochs: float,
-          eval_every: int, root: Path, threads: int, stop_at: int | None = None
-          ) -> dict[str, Any]:
+def _spec(task: Task, optimizer: str, lr: float, seed: int, *, phase: str, root: Path,
+          threads: int, stop_at: int | None = None) -> dict[str, Any]:
     run_dir = root / task.name / phase / f"{optimizer}_lr{lr:g}_s{seed}"
     return {"task": task.name, "optimizer": optimizer, "phase": phase, "stop_at": stop_at,
             "args": {
         "optimizer": optimizer, "model": task.model, "dataset": task.dataset, "lr": lr,
-        "seed": seed, "epochs": epochs, "run_dir": str(run_dir), "eval_every": eval_every,
-        "log_every": task.log_every, "threads": threads}}
+        "seed": seed, "epochs": task.epochs, "steps": task.steps, "run_dir": str(run_dir),
+        "eval_every": task.eval_every, "log_every": task.log_every, "threads": threads,
+        "extra": task.extra_flags(optimizer)}}
 
 
 def _interleave(specs_by_opt: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -242,16 +335,25 @@ def _interleave(specs_by_opt: dict[str, list[dict[str, Any]]]) -> list[dict[str,
     return out
 
 
-def _steps_per_epoch(task: Task, batch_size: int = 128) -> int:
+def _steps_per_epoch(task: Task) -> int:
     """Optimizer steps per epoch of the task's training split (drop_last batches)."""
     from mlbfgs_hpc.data import load_dataset
 
-    return len(load_dataset(task.dataset, split="train")) // batch_size
+    return len(load_dataset(task.dataset, split="train")) // task.batch_size
 
 
-def _steps_to(run: RunResult, target: float) -> float:
-    hit = run.first_reaching(target)
+def _steps_to(run: RunResult, target: float, metric: str = "test_accuracy") -> float:
+    hit = run.first_reaching(target, metric)
     return float(hit["step"]) if hit else math.inf
+
+
+def _final(run: RunResult, metric: str) -> float:
+    """The run's last evaluation of ``metric``; a diverged run counts as the worst value."""
+    worst = 0.0 if metric == "test_accuracy" else math.inf
+    if run.error or not run.evals:
+        return worst
+    value = float(run.summary[metric]) if run.summary else float(run.evals[-1][metric])
+    return value if math.isfinite(value) else worst
 
 
 def _best_lr(task: Task, runs: list[RunResult], optimizer: str) -> float:
@@ -262,13 +364,17 @@ def _best_lr(task: Task, runs: list[RunResult], optimizer: str) -> float:
 
     def key(lr: float) -> tuple[float, float]:
         group = by_lr[lr]
-        # A diverged run (stopped on a non-finite loss) counts as accuracy 0, not as missing.
-        acc = common.summarize(0.0 if r.error or math.isnan(r.final_accuracy)
-                               else r.final_accuracy for r in group)["median"]
+        # A diverged run (stopped on a non-finite loss) counts as the worst value, not as
+        # missing.
+        finals = sorted(_final(r, task.metric) for r in group)
+        middle = finals[len(finals) // 2] if len(finals) % 2 else (
+            finals[len(finals) // 2 - 1] + finals[len(finals) // 2]) / 2
+        score = -middle if task.higher_is_better else middle
         if task.full_grid:
-            steps = sorted(_steps_to(r, task.targets[-1]) for r in group)[len(group) // 2]
-            return (steps, -acc)
-        return (-acc, 0.0)
+            steps = sorted(_steps_to(r, task.targets[-1], task.metric)
+                           for r in group)[len(group) // 2]
+            return (steps, score)
+        return (score, 0.0)
 
     return min(by_lr, key=key)
 
@@ -279,31 +385,30 @@ def run_task(task: Task, *, root: Path, jobs: int, threads: int,
     start = time.monotonic()
     seeds = task.seeds
     sweep_seeds = seeds if task.full_grid else seeds[:task.sweep_seeds]
-    # A sweep run is the final run truncated: same cosine schedule (over ``task.epochs``),
-    # stopped after ``sweep_epochs``, so the lrs are compared on exactly the first steps of
+    # A sweep run is the final run truncated: same schedule (over the final run's length),
+    # stopped after ``sweep_fraction`` of it, so the lrs are compared on exactly the first steps of
     # the runs they are chosen for (a short run with its own, faster-decaying schedule hides
     # instabilities at high lr: measured, see BENCHMARKS.md).
-    stop_at = None if task.full_grid else max(1, round(task.sweep_epochs * _steps_per_epoch(
-        task)))
+    stop_at = None if task.full_grid else max(1, round(task.sweep_fraction
+                                                       * task.total_steps()))
     if task.sweep:
         sweep_specs = _interleave({
-            opt: [_spec(task, opt, lr, seed, phase="sweep", epochs=task.epochs,
-                        eval_every=task.eval_every, root=root, threads=threads,
+            opt: [_spec(task, opt, lr, seed, phase="sweep", root=root, threads=threads,
                         stop_at=stop_at)
-                  for seed in sweep_seeds for lr in LR_GRID[opt]]
+                  for seed in sweep_seeds for lr in task.grid(opt)]
             for opt in optimizers})
         sweep = run_many(sweep_specs, jobs=jobs)
         best = {opt: _best_lr(task, sweep, opt) for opt in optimizers}
     else:
         sweep = []
-        best = {opt: LR_GRID[opt][len(LR_GRID[opt]) // 2] for opt in optimizers}
+        best = {opt: task.grid(opt)[len(task.grid(opt)) // 2] for opt in optimizers}
     logger.info("%s: best lr per optimizer %s", task.name, best)
     if task.full_grid and task.sweep:
         final = [r for r in sweep if r.lr == best[r.optimizer]]
     else:
         final = run_many(_interleave({
-            opt: [_spec(task, opt, best[opt], seed, phase="final", epochs=task.epochs,
-                        eval_every=task.eval_every, root=root, threads=threads)
+            opt: [_spec(task, opt, best[opt], seed, phase="final", root=root,
+                        threads=threads)
                   for seed in seeds]
             for opt in optimizers}), jobs=jobs)
     return {"task": task, "best_lr": best, "sweep": sweep, "final": final,
@@ -346,8 +451,8 @@ def analyse(task_result: dict[str, Any], *, iteration_ms: dict[str, float] | Non
                                       "skipped_steps", "last_nu", "last_gamma")}
                                  for s, r in runs.items()}
         for target in task.targets:
-            key = f"{int(round(100 * target))}"
-            hits = {s: r.first_reaching(target) for s, r in runs.items()}
+            key = target_key(target, task.metric)
+            hits = {s: r.first_reaching(target, task.metric) for s, r in runs.items()}
             reached = {s: h for s, h in hits.items() if h is not None}
             steps = [float(h["step"]) for h in reached.values()]
             entry[f"reached_{key}"] = f"{len(reached)}/{len(runs)}"
@@ -361,7 +466,8 @@ def analyse(task_result: dict[str, Any], *, iteration_ms: dict[str, float] | Non
             sgd_runs = by_opt.get("sgd", {})
             raw_ratio, norm_ratio = [], []
             for s, h in reached.items():
-                sgd_hit = sgd_runs[s].first_reaching(target) if s in sgd_runs else None
+                sgd_hit = (sgd_runs[s].first_reaching(target, task.metric) if s in sgd_runs
+                           else None)
                 if sgd_hit is None:
                     continue
                 raw_ratio.append(h["time"] / sgd_hit["time"])
@@ -373,11 +479,15 @@ def analyse(task_result: dict[str, Any], *, iteration_ms: dict[str, float] | Non
             entry[f"norm_time_ratio_to_sgd_{key}"] = common.summarize(norm_ratio)
         per_opt[opt] = entry
     return {"task": task.name, "model": task.model, "dataset": task.dataset,
-            "epochs": task.epochs, "eval_every": task.eval_every, "full_grid": task.full_grid,
-            "swept": task.sweep, "sweep_epochs": task.sweep_epochs, "seeds": list(task.seeds),
+            "epochs": task.epochs, "steps": task.total_steps(), "batch_size": task.batch_size,
+            "warmup_fraction": task.warmup_fraction, "metric": task.metric,
+            "flags": {o: task.extra_flags(o) for o in per_opt},
+            "eval_every": task.eval_every, "full_grid": task.full_grid,
+            "swept": task.sweep, "sweep_fraction": task.sweep_fraction,
+            "seeds": list(task.seeds),
             "sweep_seeds": task.sweep_seeds,
             "targets": list(task.targets),
-            "lr_grid": {o: list(LR_GRID[o]) for o in per_opt}, "best_lr": task_result[
+            "lr_grid": {o: list(task.grid(o)) for o in per_opt}, "best_lr": task_result[
                 "best_lr"], "per_optimizer": per_opt, "seconds": task_result["seconds"],
             "sweep": [_run_row(r) for r in task_result["sweep"]]}
 
@@ -385,7 +495,7 @@ def analyse(task_result: dict[str, Any], *, iteration_ms: dict[str, float] | Non
 def _run_row(r: RunResult) -> dict[str, Any]:
     return {"optimizer": r.optimizer, "lr": r.lr, "seed": r.seed, "phase": r.phase,
             "final_accuracy": r.final_accuracy, "final_test_loss": r.final_loss,
-            "steps_to_90": _steps_to(r, 0.90), "error": r.error,
+            "error": r.error,
             "train_seconds": r.summary.get("train_seconds", math.nan),
             "eval_seconds": r.eval_seconds, "wall_seconds": r.wall_seconds}
 
@@ -402,8 +512,8 @@ def csv_rows(task_result: dict[str, Any]) -> list[dict[str, Any]]:
         row = {"task": task.name, **_run_row(r),
                "best_lr": r.lr == task_result["best_lr"][r.optimizer]}
         for target in task.targets:
-            hit = r.first_reaching(target)
-            key = f"{int(round(100 * target))}"
+            hit = r.first_reaching(target, task.metric)
+            key = target_key(target, task.metric)
             row[f"step_{key}"] = hit["step"] if hit else ""
             row[f"epoch_{key}"] = hit["epoch"] if hit else ""
             row[f"seconds_{key}"] = hit["time"] if hit else ""
@@ -425,8 +535,8 @@ def plot(task_result: dict[str, Any], out_dir: Path) -> list[Path]:
     specs = [("loss_vs_steps", "train", "step", "loss", "optimizer steps", "training loss"),
              ("loss_vs_time", "train", "time", "loss", "training seconds (eval excluded)",
               "training loss"),
-             ("accuracy_vs_time", "evals", "time", "test_accuracy",
-              "training seconds (eval excluded)", "test accuracy")]
+             ("accuracy_vs_time", "evals", "time", task.metric,
+              "training seconds (eval excluded)", task.metric.replace("_", " "))]
     for name, source, xkey, ykey, xlabel, ylabel in specs:
         fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=90)
         for opt, runs in by_opt.items():
@@ -443,9 +553,11 @@ def plot(task_result: dict[str, Any], out_dir: Path) -> list[Path]:
                             alpha=0.15, lw=0)
         if ykey == "loss":
             ax.set_yscale("log")
-        if ykey == "test_accuracy":
-            lo = min(task.targets) - 0.1
-            ax.set_ylim(lo, 1.0)
+        if ykey == task.metric:
+            if task.higher_is_better:
+                ax.set_ylim(min(task.targets) - 0.1, 1.0)
+            else:
+                ax.set_ylim(min(task.targets) - 0.2, max(task.targets) + 0.6)
             for target in task.targets:
                 ax.axhline(target, color="grey", lw=0.6, ls=":")
         ax.set_xlabel(xlabel)

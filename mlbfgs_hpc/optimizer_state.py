@@ -1,0 +1,54 @@
+"""The optimizer's state-dict format: which tensors it holds, and the checks a load makes.
+
+``MLBFGS.state_dict()`` is fixed-shape tensors per owned block (the flat buffers' slices and
+the curvature ring) plus run-wide counters, so a state saved on p ranks loads on any other
+number: each rank takes the blocks it owns, after :func:`check_saved_state` has confirmed
+that the saved block table is this model's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .blocks import ParamBlock
+
+#: Flat per-rank buffers whose per-block slices are part of the checkpointed block state.
+FLAT_STATE_KEYS: tuple[str, ...] = (
+    "m_param", "m_grad", "snap_param", "snap_grad", "momentum_buffer")
+#: Step counters and guard values, identical on every rank.
+GLOBAL_STATE_KEYS: tuple[str, ...] = (
+    "step", "skipped_steps", "sgd_fallbacks", "accepted_pairs", "rejected_pairs",
+    "last_nu", "last_gamma")
+STATE_FORMAT_VERSION = 1
+
+
+def param_group_table(param_groups: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The param groups as torch saves them: hyper-parameters, params as indices."""
+    param_index = {id(p): i for i, p in enumerate(p for g in param_groups for p in g["params"])}
+    return [{**{k: v for k, v in g.items() if k != "params"},
+             "params": [param_index[id(p)] for p in g["params"]]} for g in param_groups]
+
+
+def check_saved_state(state_dict: dict[str, Any], *, blocks: Sequence[ParamBlock],
+                      owned_blocks: Sequence[int], n_groups: int) -> None:
+    """Raise ``ValueError`` unless ``state_dict`` can be loaded by a rank owning
+    ``owned_blocks`` of ``blocks`` with ``n_groups`` param groups (format version, block
+    table, owned blocks present, number of groups)."""
+    if state_dict.get("format_version") != STATE_FORMAT_VERSION:
+        raise ValueError(f"unsupported optimizer state format_version "
+                         f"{state_dict.get('format_version')!r}, "
+                         f"expected {STATE_FORMAT_VERSION}")
+    saved = [(b["name"], tuple(b["param_names"]), int(b["numel"]))
+             for b in state_dict["blocks"]]
+    mine = [(b.name, b.param_names, b.numel) for b in blocks]
+    if saved != mine:
+        diff = [f"block {i}: saved {s} vs model {m}" for i, (s, m) in
+                enumerate(zip(saved, mine)) if s != m]
+        raise ValueError("optimizer state was saved for other blocks: "
+                         f"{len(saved)} saved vs {len(mine)} blocks; " + "; ".join(diff[:5]))
+    missing = [b for b in owned_blocks if b not in state_dict["state"]]
+    if missing:
+        raise ValueError(f"optimizer state lacks owned blocks {missing}")
+    if len(state_dict["param_groups"]) != n_groups:
+        raise ValueError("optimizer state has a different number of param groups")

@@ -1,0 +1,106 @@
+"""The flags of ``mlbfgs-train``: one argparse parser, its choices and per-optimizer lrs.
+
+Every mL-BFGS hyper-parameter flag takes its default from
+:class:`~mlbfgs_hpc.config.MLBFGSConfig`, so the command and the library cannot drift apart;
+the values are checked by :mod:`mlbfgs_hpc.cli` before anything starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from . import cli
+from .comm import GRAD_BACKENDS, GRAD_REDUCE_MODES
+from .config import CLIP_MODES, MLBFGSConfig
+from .data import DATASET_NAMES
+from .models import MODEL_NAMES
+
+OPTIMIZERS = ("mlbfgs", "sgd", "adam", "lbfgs")
+SCHEDULES = ("none", "cosine", "step")
+DEFAULT_LR = {"mlbfgs": 0.1, "sgd": 0.05, "adam": 1e-3, "lbfgs": 0.1}
+NODE_AWARE_CHOICES = {"auto": None, "on": True, "off": False}
+_DEFAULTS = MLBFGSConfig()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.ArgumentParser(
+        prog="mlbfgs-train", formatter_class=cli.HelpFormatter,
+        description="Train a model with mL-BFGS (or a baseline) on one process or many MPI "
+                    "ranks. With no arguments: a short Fashion-MNIST run of the small CNN.")
+    a = p.add_argument
+    a("--model", choices=MODEL_NAMES, default="cnn")
+    a("--dataset", choices=DATASET_NAMES, default="fashion-mnist",
+      help="python-stdlib (next-character prediction) goes with --model transformer")
+    a("--data-root", default=None, help="directory of the Fashion-MNIST idx.gz files "
+      "(python-stdlib: of the *.py files; default this Python's standard library)")
+    a("--width", type=int, default=None,
+      help="model width: resnet18 base channels (default 64), transformer d_model (64)")
+    a("--depth", type=int, default=None, help="transformer layers (default 4)")
+    a("--optimizer", choices=OPTIMIZERS, default="mlbfgs")
+    a("--epochs", type=float, default=2.0, help="length of the run in epochs")
+    a("--steps", type=int, default=None, help="length in optimizer steps (overrides --epochs)")
+    a("--batch-size", type=int, default=128, help="GLOBAL batch size, over all ranks")
+    a("--lr", type=float, default=None,
+      help=f"learning rate (default per optimizer: {DEFAULT_LR})")
+    a("--schedule", choices=SCHEDULES, default="cosine")
+    a("--step-size", type=int, default=None,
+      help="'step' schedule: steps between decays (default: a third of the run)")
+    a("--gamma", type=float, default=0.1, help="'step' schedule: decay factor")
+    a("--warmup-steps", type=int, default=0,
+      help="linear lr warm-up over this many steps before the schedule (0: none)")
+    a("--weight-decay", type=float, default=0.0)
+    a("--momentum", type=float, default=_DEFAULTS.momentum,
+      help="outer momentum of mlbfgs, momentum of sgd")
+    a("--nesterov", action="store_true")
+    a("--history-size", type=int, default=_DEFAULTS.history_size)
+    a("--update-freq", type=int, default=_DEFAULTS.update_freq)
+    a("--beta-param", type=float, default=_DEFAULTS.beta_param)
+    a("--beta-grad", type=float, default=_DEFAULTS.beta_grad)
+    a("--damping", type=float, default=_DEFAULTS.damping)
+    a("--sigma-low", type=float, default=_DEFAULTS.sigma_low)
+    a("--sigma-high", type=float, default=_DEFAULTS.sigma_high)
+    a("--curvature-eps", type=float, default=_DEFAULTS.curvature_eps)
+    a("--clip", choices=CLIP_MODES, default=_DEFAULTS.clip,
+      help="step sizing once curvature is in use: graft (per block, H·g at the norm of g), "
+           "kl (the design's KL guard, --kl-clip), none")
+    a("--kl-clip", type=float, default=_DEFAULTS.kl_clip)
+    a("--pair-momentum", type=float, default=_DEFAULTS.pair_momentum,
+      help="EMA over successive curvature pairs (the authors' double momentum); 0: off")
+    a("--block-size", type=int, default=None,
+      help="parameters per curvature block (default: one layer per block)")
+    a("--seed", type=int, default=0)
+    a("--run-dir", default="runs/default", help="metrics.jsonl and checkpoints/ go here")
+    a("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: off)")
+    a("--checkpoint-minutes", type=float, default=0.0,
+      help="checkpoint every M minutes of wall-clock (0: off)")
+    a("--keep", type=int, default=3, help="keep the newest K checkpoints")
+    a("--stop-after", type=float, default=0.0,
+      help="checkpoint and exit with 99 once this many seconds of this process have passed "
+           "(0: off); for schedulers whose warning signal cannot reach the ranks")
+    a("--step-sleep", type=float, default=0.0,
+      help="sleep this long after every step: rehearse a job script's signal/requeue cycle "
+           "with a small model (does not change the mathematics)")
+    a("--resume", default="auto",
+      help="'auto' (newest valid checkpoint in the run dir, if any), 'never', or a path")
+    a("--grad-backend", choices=GRAD_BACKENDS, default="horovod",
+      help="how gradients are averaged across ranks")
+    a("--grad-reduce", choices=GRAD_REDUCE_MODES, default="allreduce",
+      help="'allreduce' (every rank receives the whole average; launched during the "
+           "backward pass; measured faster, BENCHMARKS.md) or, mlbfgs only, "
+           "'reducescatter' (each rank receives only the blocks it owns: about half the "
+           "bytes on the network)")
+    a("--node-aware", choices=NODE_AWARE_CHOICES, default="auto",
+      help="combine inside each host first so one copy per host crosses the network "
+           "(gradient reduce-scatter and update Allgatherv); 'auto': when a host runs "
+           "more than one rank of a multi-host job")
+    a("--log-every", type=int, default=10, help="metrics.jsonl line every N steps")
+    a("--eval-every", type=int, default=0, help="test-set evaluation every N steps "
+                                                "(0: at the end of every epoch)")
+    a("--synthetic-size", type=int, default=2048)
+    a("--device", default="auto",
+      help="'auto' (this rank's GPU when CUDA is available, else the CPU), 'cpu', 'cuda' "
+           "(GPU number local rank modulo the GPUs this host has) or 'cuda:N'")
+    a("--threads", type=int, default=None,
+      help="torch intra-op threads per rank (default: cores / ranks on this host)")
+    a("--quiet", action="store_true", help="no progress bar")
+    return p

@@ -1,0 +1,143 @@
+"""How long a step is, and what the curvature did: per-block scalars → step scale, diagnostics.
+
+Pure functions of a handful of floats per block, so every rank (and every world size) sizes
+the step identically and the rules are unit-testable without an optimizer::
+
+    per owned block k:  gᵀd, γ, gᵀg, dᵀd        (one device → host read per step)
+         │  BlockStats.from_rows (this rank, block order)
+         ▼
+    allgather of the rank sums  ──►  sum_in_rank_order  ──►  identical totals everywhere
+         │
+         ├─ clip="graft": block k's d rescaled by sqrt(gᵀg / dᵀd)   (local to its owner)
+         ├─ clip="kl":    the whole d scaled by ν = min(1, sqrt(κ / gᵀd))
+         └─ diagnostics:  cos(H·g, g), ‖H·g‖/‖g‖, applied ‖d‖/‖g‖, damping τ
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+#: Per-block scalars of one step, one row each of the optimizer's read-back matrix.
+BLOCK_SCALARS: tuple[str, ...] = ("g_dot_d", "gamma", "g_sq", "d_sq")
+#: Per-step read-outs of what the curvature did (:attr:`MLBFGS.diagnostics`), NaN before the
+#: first pair. ``cos_mean``/``cos_min``: cosine between a block's H·g and its g (1: the
+#: curvature does not bend the direction); ``hg_ratio``: geometric mean of ‖H·g‖/‖g‖ (the
+#: curvature's own step length, before the guard); ``step_scale``: ‖applied direction‖/‖g‖
+#: over all blocks (after the guard or grafting); ``tau_mean``: mean damping factor τ of the
+#: blocks' last offered pairs (τ0 = 1 − damping: undamped beyond τ0).
+DIAGNOSTIC_KEYS: tuple[str, ...] = ("cos_mean", "cos_min", "hg_ratio", "step_scale", "tau_mean")
+
+
+@dataclass(frozen=True)
+class BlockStats:
+    """One rank's per-block scalars of one step, summed in block order (as Python floats,
+    so every rank and every world size adds them identically).
+
+    ``graft_scales[k]``: sqrt(gᵀg / dᵀd) of curved block ``k`` (NaN when dᵀd = 0), the factor
+    that gives its direction the gradient's norm.
+    """
+
+    g_dot_d: float
+    gamma_sum: float
+    g_sq_sum: float
+    d_sq_sum: float
+    cos_sum: float
+    cos_min: float
+    log_ratio_sum: float
+    measured: int   # curved blocks with ‖g‖, ‖H·g‖ > 0: those in cos_* and log_ratio_sum
+    graft_scales: dict[int, float]
+
+    @classmethod
+    def from_rows(cls, rows: dict[str, list[float]], curved: list[int]) -> BlockStats:
+        """``rows``: :data:`BLOCK_SCALARS` → one value per owned block; ``curved``: the
+        blocks with curvature (the others have d = g, so their norms are gᵀd)."""
+        g_dot_d = gamma_sum = g_sq_sum = d_sq_sum = cos_sum = log_ratio_sum = 0.0
+        cos_min, measured = math.inf, 0
+        scales: dict[int, float] = {}
+        curved_set = set(curved)
+        for k, gd in enumerate(rows["g_dot_d"]):
+            g_dot_d += gd
+            if k not in curved_set:
+                g_sq_sum += gd
+                d_sq_sum += gd
+                continue
+            g_sq, d_sq = rows["g_sq"][k], rows["d_sq"][k]
+            gamma_sum += rows["gamma"][k]
+            g_sq_sum += g_sq
+            d_sq_sum += d_sq
+            scales[k] = math.sqrt(g_sq / d_sq) if d_sq > 0.0 else math.nan
+            if g_sq > 0.0 and d_sq > 0.0:
+                cos = gd / math.sqrt(g_sq * d_sq)
+                cos_sum += cos
+                cos_min = min(cos_min, cos)
+                log_ratio_sum += 0.5 * math.log(d_sq / g_sq)
+                measured += 1
+        return cls(g_dot_d=g_dot_d, gamma_sum=gamma_sum, g_sq_sum=g_sq_sum,
+                   d_sq_sum=d_sq_sum, cos_sum=cos_sum, cos_min=cos_min,
+                   log_ratio_sum=log_ratio_sum, measured=measured, graft_scales=scales)
+
+    def to_row(self, *, accepted: int, rejected: int, curved: int, tau_sum: float,
+               tau_count: int) -> list[float]:
+        """This rank's row of the per-step allgather (see :class:`StepTotals`)."""
+        return [self.g_dot_d, curved, self.gamma_sum, accepted, rejected, self.cos_sum,
+                self.log_ratio_sum, self.g_sq_sum, self.d_sq_sum, tau_sum, tau_count,
+                self.measured, self.cos_min]
+
+
+@dataclass(frozen=True)
+class StepTotals:
+    """The rows of :meth:`BlockStats.to_row` from every rank, summed in rank order (the last
+    column, ``cos_min``, is a minimum): identical on every rank."""
+
+    g_dot_d: float
+    curved: int
+    gamma_sum: float
+    accepted: int
+    rejected: int
+    cos_sum: float
+    log_ratio_sum: float
+    g_sq_sum: float
+    d_sq_sum: float
+    tau_sum: float
+    tau_count: int
+    measured: int
+    cos_min: float
+
+    @classmethod
+    def from_rank_rows(cls, per_rank: Any) -> StepTotals:
+        """``per_rank``: the (ranks × values) array of the allgather."""
+        totals = sum_in_rank_order(per_rank)
+        cos_min = min((float(v) for v in per_rank[:, -1]), default=math.inf)
+        return cls(g_dot_d=totals[0], curved=int(totals[1]), gamma_sum=totals[2],
+                   accepted=int(totals[3]), rejected=int(totals[4]), cos_sum=totals[5],
+                   log_ratio_sum=totals[6], g_sq_sum=totals[7], d_sq_sum=totals[8],
+                   tau_sum=totals[9], tau_count=int(totals[10]), measured=int(totals[11]),
+                   cos_min=cos_min)
+
+    def diagnostics(self, *, applied_sq: float) -> dict[str, float]:
+        """:data:`DIAGNOSTIC_KEYS` of this step; ``applied_sq``: ‖applied direction‖²."""
+        measured = self.measured
+        return {
+            "cos_mean": self.cos_sum / measured if measured else math.nan,
+            "cos_min": self.cos_min if measured else math.nan,
+            "hg_ratio": math.exp(self.log_ratio_sum / measured) if measured else math.nan,
+            "step_scale": (math.sqrt(applied_sq / self.g_sq_sum) if self.g_sq_sum > 0.0
+                           else math.nan),
+            "tau_mean": self.tau_sum / self.tau_count if self.tau_count else math.nan,
+        }
+
+
+def kl_factor(g_dot_d: float, *, kl_clip: float) -> float:
+    """ν = min(1, sqrt(κ / gᵀd)) of the design's KL guard (gᵀd > 0)."""
+    return min(1.0, math.sqrt(kl_clip / g_dot_d))
+
+
+def sum_in_rank_order(per_rank: Any) -> list[float]:
+    """Column sums of a (ranks × values) array, added in rank order on every rank."""
+    totals = [0.0] * per_rank.shape[1]
+    for row in per_rank:
+        for j, value in enumerate(row):
+            totals[j] += float(value)
+    return totals
