@@ -434,6 +434,10 @@ _CHILD_TEST = textwrap.dedent(
 )
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("mode", ["fail", "sigint", "sigterm"])
 def test_fixture_tears_down_on_failure_and_interrupt(tmp_path: Path, mode: str) -> None:
     require_netns()
@@ -448,6 +452,10 @@ def test_fixture_tears_down_on_failure_and_interrupt(tmp_path: Path, mode: str) 
         [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
          "--rootdir", str(tmp_path), str(tmp_path / "test_child.py")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,
+        # A suite started in the background by a non-interactive shell (`tools/test.sh &`)
+        # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler:
+        # the child would sleep through the SIGINT this test sends. Start it at the default.
+        preexec_fn=_default_sigint,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 60
