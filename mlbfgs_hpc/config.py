@@ -44,6 +44,12 @@ class MLBFGSConfig:
         pair_momentum: EMA factor over successive pairs (the authors' "double momentum"):
             the offered pair is s̄ ← p·s̄ + (1−p)·s (same for y), started at the first
             pair; 0: off.
+        double_damping: μ1 of the first stage of double damping (Goldfarb, Ren and
+            Bahamou 2020, "Practical quasi-Newton methods for training deep neural
+            networks"): before the design's damping of y, a block that already has curvature
+            moves s towards H·y, s ← θ·s + (1−θ)·H·y with θ chosen so that sᵀy ≥ μ1·yᵀHy.
+            It bounds how much one noisy pair can grow H (the update's growth factor is
+            ~ yᵀHy/sᵀy); 0: off.
     """
 
     history_size: int = 10
@@ -59,6 +65,7 @@ class MLBFGSConfig:
     momentum: float = 0.9
     nesterov: bool = False
     pair_momentum: float = 0.0
+    double_damping: float = 0.0
 
     def __post_init__(self) -> None:
         _require(_integer(self.history_size) and self.history_size >= 1,
@@ -84,6 +91,8 @@ class MLBFGSConfig:
         _require(isinstance(self.nesterov, bool), "nesterov", "a bool", self.nesterov)
         _require(_finite(self.pair_momentum) and 0.0 <= self.pair_momentum < 1.0,
                  "pair_momentum", "in [0, 1)", self.pair_momentum)
+        _require(_finite(self.double_damping) and 0.0 <= self.double_damping < 1.0,
+                 "double_damping", "in [0, 1)", self.double_damping)
         _require(not (self.nesterov and self.momentum == 0.0),
                  "nesterov", "False when momentum == 0 (Nesterov needs momentum > 0)",
                  self.nesterov)

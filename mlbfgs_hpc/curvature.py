@@ -75,6 +75,16 @@ def damping_factor(mu: float, *, tau0: float, sigma_low: float, sigma_high: floa
     return tau0
 
 
+def inverse_damping_factor(s_dot_y: float, y_h_y: float, *, mu1: float) -> float:
+    """θ of double damping's first stage: s ← θ·s + (1−θ)·H·y gives sᵀy = μ1·yᵀHy when
+    sᵀy < μ1·yᵀHy (θ ∈ (0, 1 − μ1]); 1 (no change) otherwise or when yᵀHy is not > 0."""
+    if not (math.isfinite(s_dot_y) and math.isfinite(y_h_y)) or y_h_y <= 0.0:
+        return 1.0
+    if s_dot_y >= mu1 * y_h_y:
+        return 1.0
+    return (1.0 - mu1) * y_h_y / (y_h_y - s_dot_y)
+
+
 def damp_pair_(s: torch.Tensor, y: torch.Tensor, *, config: MLBFGSConfig) -> DampedPair:
     """Overwrite ``y`` with ŷ = τ·y + (1−τ)·s and return τ and the dot products.
 
@@ -161,6 +171,8 @@ class BlockCurvature:
         self.rejected = torch.zeros((), dtype=torch.int64)
         #: τ of the last offered pair (NaN before the first): a diagnostic, not state.
         self.last_tau = math.nan
+        #: θ of the last double-damping stage (NaN when it did not run): a diagnostic.
+        self.last_theta = math.nan
         # Row views and scalar scratch are made once so the per-step recursion allocates
         # no tensor storage (views of existing storage only). The dot products go through
         # ``torch.mv`` on (1, n) row views into (1,) slots: ``torch.dot(..., out=)`` computes
@@ -207,8 +219,17 @@ class BlockCurvature:
         self._order = [(head - 1 - k) % m for k in range(count)]
 
     # ---- pairs --------------------------------------------------------------------------
-    def offer_pair(self, s: torch.Tensor, y: torch.Tensor, *, config: MLBFGSConfig) -> bool:
-        """Damp ``(s, y)`` (``y`` is overwritten with ŷ) and push it if it passes the test."""
+    def offer_pair(self, s: torch.Tensor, y: torch.Tensor, *, config: MLBFGSConfig,
+                   scratch: torch.Tensor | None = None) -> bool:
+        """Damp ``(s, y)`` (``y`` is overwritten with ŷ) and push it if it passes the test.
+
+        With ``config.double_damping`` > 0 and a history already in the ring, ``s`` is first
+        moved towards H·y (overwritten; :func:`inverse_damping_factor`), with ``scratch``
+        (a tensor like ``s``) holding H·y.
+        """
+        if config.double_damping > 0.0 and self.has_curvature:
+            self._damp_towards_h_y_(s, y, mu1=config.double_damping,
+                                    h_y=torch.empty_like(s) if scratch is None else scratch)
         pair = damp_pair_(s, y, config=config)
         self.last_tau = pair.tau
         if not pair.accepted(config.curvature_eps):
@@ -225,6 +246,16 @@ class BlockCurvature:
         self._refresh_order()
         self._rebuild_compact()
         return True
+
+    def _damp_towards_h_y_(self, s: torch.Tensor, y: torch.Tensor, *, mu1: float,
+                           h_y: torch.Tensor) -> None:
+        h_y.copy_(y)
+        self.apply_inverse_hessian_(h_y)
+        theta = inverse_damping_factor(float(torch.dot(s, y)), float(torch.dot(y, h_y)),
+                                       mu1=mu1)
+        self.last_theta = theta
+        if theta != 1.0:
+            s.mul_(theta).add_(h_y, alpha=1.0 - theta)
 
     def _rebuild_compact(self) -> None:
         """Recompute ``W`` from the ring (a deterministic function of the state tensors, so a

@@ -81,6 +81,8 @@ class MLBFGS(torch.optim.Optimizer):
         nesterov: Nesterov variant of the outer momentum.
         pair_momentum: EMA over successive pairs ("double momentum"); 0: off. See
             :class:`~mlbfgs_hpc.config.MLBFGSConfig`.
+        double_damping: μ1 of double damping's first stage (s moved towards H·y so that
+            sᵀy ≥ μ1·yᵀHy; Goldfarb et al. 2020); 0: off. See the config.
         comm: communicator from :func:`~mlbfgs_hpc.comm.init_communicator`; ``None`` for a
             single process.
         grad_backend: ``"horovod"`` or ``"mpi"``: how gradients are averaged across ranks
@@ -122,6 +124,7 @@ class MLBFGS(torch.optim.Optimizer):
         momentum: float = 0.9,
         nesterov: bool = False,
         pair_momentum: float = 0.0,
+        double_damping: float = 0.0,
         comm: LocalCommunicator | None = None,
         grad_backend: GradBackend | None = "horovod",
         grad_reduce: GradReduce = "allreduce",
@@ -132,7 +135,8 @@ class MLBFGS(torch.optim.Optimizer):
             history_size=history_size, update_freq=update_freq, beta_param=beta_param,
             beta_grad=beta_grad, damping=damping, sigma_low=sigma_low, sigma_high=sigma_high,
             curvature_eps=curvature_eps, clip=clip, kl_clip=kl_clip,  # type: ignore[arg-type]
-            momentum=momentum, nesterov=nesterov, pair_momentum=pair_momentum)
+            momentum=momentum, nesterov=nesterov, pair_momentum=pair_momentum,
+            double_damping=double_damping)
         if grad_backend is not None and grad_backend not in GRAD_BACKENDS:
             raise ValueError(
                 f"grad_backend must be one of {GRAD_BACKENDS} or None, got {grad_backend!r}")
@@ -232,6 +236,7 @@ class MLBFGS(torch.optim.Optimizer):
         # Scratch for forming (s, y) without touching the ring before the pair is accepted.
         self._scratch_s = torch.zeros(max_block, **kw)
         self._scratch_y = torch.zeros(max_block, **kw)
+        self._scratch_h = torch.zeros(max_block if self.config.double_damping else 0, **kw)
         # Per owned block, gᵀd, γ, gᵀg and dᵀd of this step, written on the parameters'
         # device and read back by ONE transfer: on a GPU a float() per block would be a
         # host-device synchronisation each (4 per block per step).
@@ -409,7 +414,7 @@ class MLBFGS(torch.optim.Optimizer):
                     smooth_y.lerp_(y, 1.0 - cfg.pair_momentum)
                 s.copy_(smooth_s)
                 y.copy_(smooth_y)
-            curvature.offer_pair(s, y, config=cfg)
+            curvature.offer_pair(s, y, config=cfg, scratch=self._scratch_h[:n])
 
     def _graft_blocks(self, stats: BlockStats) -> None:
         """Per-block grafting: each curved block's H·g rescaled to the norm of its g.

@@ -176,6 +176,7 @@ class Trainer:
                 damping=a.damping, sigma_low=a.sigma_low, sigma_high=a.sigma_high,
                 curvature_eps=a.curvature_eps, clip=a.clip, kl_clip=a.kl_clip,
                 momentum=a.momentum, nesterov=a.nesterov, pair_momentum=a.pair_momentum,
+                double_damping=a.double_damping,
                 comm=self.comm, grad_backend=a.grad_backend, grad_reduce=a.grad_reduce,
                 node_aware=NODE_AWARE_CHOICES[a.node_aware])
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]

@@ -6,6 +6,8 @@
   pair), in float64, before and after the ring wraps; the two forms against each other in
   float64 and float32.
 * The damping formula (DESIGN.md §1.4) on hand-computed cases at both bounds and between.
+* Double damping's first stage (s moved towards H·y so that sᵀy ≥ μ1·yᵀHy) against the
+  dense inverse Hessian of the pairs already stored, and its θ on hand-computed cases.
 * Pair rejection (non-finite, ``sᵀŷ <= ε sᵀs``, ``s = 0``): counted, never stored.
 * Both forms allocate no memory per call (torch.profiler); the compact form issues the same
   few kernels whatever the block size and the history length, the two-loop a number that
@@ -24,7 +26,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from mlbfgs_hpc.config import MLBFGSConfig
 from mlbfgs_hpc.curvature import (
-    CURVATURE_STATE_KEYS, BlockCurvature, compact_middle_matrix, damp_pair_, damping_factor)
+    CURVATURE_STATE_KEYS, BlockCurvature, compact_middle_matrix, damp_pair_, damping_factor,
+    inverse_damping_factor)
 
 F64 = torch.float64
 CPU = torch.device("cpu")
@@ -220,6 +223,62 @@ def test_damp_pair_between_bounds_hand_computed() -> None:
 
 # ---- rejection ------------------------------------------------------------------------------
 NAN, INF = math.nan, math.inf
+
+
+# ---- double damping, first stage (Goldfarb, Ren & Bahamou 2020) -------------------------
+@pytest.mark.parametrize(("s_dot_y", "y_h_y", "mu1", "expected"), [
+    (0.0, 1.0, 0.2, 0.8),            # θ = (1 − μ1)·yHy / (yHy − sy)
+    (-1.0, 3.0, 0.2, 0.6),           # 0.8·3 / 4
+    (0.1, 1.0, 0.2, 0.8 / 0.9),
+    (0.2, 1.0, 0.2, 1.0),            # on the bound: untouched
+    (5.0, 1.0, 0.2, 1.0),            # above it
+    (1.0, 0.0, 0.2, 1.0),            # yᵀHy = 0: nothing to bound
+    (NAN, 1.0, 0.2, 1.0),
+    (1.0, INF, 0.2, 1.0),
+])
+def test_inverse_damping_factor_hand_computed(s_dot_y: float, y_h_y: float, mu1: float,
+                                              expected: float) -> None:
+    assert inverse_damping_factor(s_dot_y, y_h_y, mu1=mu1) == pytest.approx(expected,
+                                                                             rel=1e-15)
+
+
+def test_double_damping_moves_s_towards_h_y_onto_the_bound() -> None:
+    """A noisy pair (‖y‖ ≫, sᵀy ≈ 0) offered to a block with history: the stored s is
+    θ·s + (1−θ)·H·y with H the dense inverse Hessian of the pairs stored *before* it, and
+    sᵀy = μ1·yᵀHy afterwards; the design's damping of y then runs on the new s. A pair that
+    meets the bound, and any pair offered to an empty ring, is stored as without it."""
+    n, m, mu1 = 6, 5, 0.2
+    cfg = MLBFGSConfig(damping=0.0, sigma_low=0.0, sigma_high=1e12, double_damping=mu1)
+    previous = positive_pairs(3, n, seed=11)
+    with_dd, without = new_curvature(n, m), new_curvature(n, m)
+    for s, y in previous:
+        assert with_dd.offer_pair(s.clone(), y.clone(), config=cfg)
+        assert without.offer_pair(s.clone(), y.clone(), config=NO_DAMPING)
+    assert torch.equal(with_dd.S, without.S)        # an empty ring: s untouched, first pair
+    h_old = dense_inverse_hessian([(s.numpy(), y.numpy()) for s, y in previous], n)
+    gen = torch.Generator().manual_seed(3)
+    s = torch.randn(n, generator=gen, dtype=F64)
+    y = 20.0 * torch.randn(n, generator=gen, dtype=F64)
+    y -= (float(s @ y) / float(s @ s) - 1e-3) * s        # sᵀy = 1e-3·sᵀs: tiny, positive
+    h_y = torch.from_numpy(h_old @ y.numpy())
+    assert float(s @ y) < mu1 * float(y @ h_y)
+    theta = (1.0 - mu1) * float(y @ h_y) / (float(y @ h_y) - float(s @ y))
+    assert with_dd.offer_pair(s.clone(), y.clone(), config=cfg)
+    stored = with_dd.S[(int(with_dd.head) - 1) % m]
+    torch.testing.assert_close(stored, theta * s + (1.0 - theta) * h_y, rtol=1e-10, atol=1e-12)
+    assert float(stored @ y) == pytest.approx(mu1 * float(y @ h_y), rel=1e-10)
+    assert with_dd.last_theta == pytest.approx(theta, rel=1e-12)
+    # Already on the safe side of the bound (s = H·y: sᵀy = yᵀHy): stored as offered.
+    y_ok = torch.randn(n, generator=gen, dtype=F64)
+    s_ok = torch.from_numpy(h_old @ y_ok.numpy())
+    assert without.offer_pair(s_ok.clone(), y_ok.clone(), config=NO_DAMPING)
+    check = new_curvature(n, m)
+    for s_prev, y_prev in previous:
+        check.offer_pair(s_prev.clone(), y_prev.clone(), config=cfg)
+    h_ok = torch.from_numpy(h_old @ y_ok.numpy())
+    assert float(s_ok @ y_ok) >= mu1 * float(y_ok @ h_ok)
+    assert check.offer_pair(s_ok.clone(), y_ok.clone(), config=cfg)
+    assert torch.equal(check.S, without.S) and check.last_theta == 1.0
 
 
 @pytest.mark.parametrize(("s", "y", "cfg"), [
