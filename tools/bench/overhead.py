@@ -14,10 +14,11 @@ every optimizer, one process. Protocol:
    repeat* is one sample; the report gives median and quartiles over the R samples.
 3. Breakdown: the *unmodified* ``MLBFGS.step`` runs with its private pieces wrapped by
    timers on the instance (``_gather_owned``, ``_apply_weight_decay``,
-   ``_update_momentum_buffers``, ``_form_pairs``, every ``BlockCurvature.
-   apply_inverse_hessian_``, ``_apply_outer_momentum``, the communicator's collectives).
-   What the step does inline (copy d ← g, the gᵀd dots and the step-size guard, snapshot
-   copies, counters, ``_foreach_sub_`` of the update) is the remainder "guard + inline".
+   ``_update_momentum_buffers``, ``_form_pairs``, ``BatchedCurvature.precondition_`` ("H·g":
+   H·g of every owned block at once, with the per-block gᵀg, gᵀd, dᵀd), ``_apply_outer_momentum``,
+   the communicator's collectives). What the step does inline (the read-back, the step-size
+   guard and grafting, the copy of the direction out, snapshot copies, counters,
+   ``_foreach_sub_`` of the update) is the remainder "guard + inline".
 """
 
 from __future__ import annotations
@@ -103,8 +104,8 @@ def _instrument(opt: MLBFGS, sink: dict[str, float]) -> Callable[[], None]:
     wrap(opt, "_update_momentum_buffers", "momentum update")
     wrap(opt, "_form_pairs", "pair update")
     wrap(opt, "_apply_outer_momentum", "outer momentum")
-    for curv in opt._curvature.values():
-        wrap(curv, "apply_inverse_hessian_", "H·g")
+    # H·g of all owned blocks at once, with the per-block gᵀg, gᵀd, dᵀd (batched.py).
+    wrap(opt._batched, "precondition_", "H·g")
     # The communicator is shared (one per trainer); on one rank its collectives are no-ops
     # whose Python call overhead is still part of the step.
     for attr in ("allgather_scalars", "allgatherv_"):
