@@ -115,8 +115,12 @@ class BatchedCurvature:
             numel=k_n, history_size=m, dtype=grad.dtype, device=grad.device,
             history=(self._history[:m, p:p + k_n], self._history[m:, p:p + k_n]))
             for k_n, p in zip(numels, pad_starts)]
+        #: Sum chunks into blocks with index_add_ (CPU) or segment_reduce (see _segment_sum_).
+        self.index_add_sums = grad.device.type == "cpu"
+        self._chunk_lengths = torch.tensor(chunks_per_block, dtype=torch.long,
+                                           device=grad.device)
         self._chunk_block = torch.repeat_interleave(
-            torch.arange(b_count), torch.tensor(chunks_per_block, dtype=torch.long)).to(grad.device)
+            torch.arange(b_count, device=grad.device), self._chunk_lengths)
         # Stacked operator: W (transposed for the row-vector product) and γ per block; the
         # ring's γ per block for the read-back.
         self._middle = torch.zeros(b_count, 2 * m, 2 * m, **kw)
@@ -187,8 +191,7 @@ class BatchedCurvature:
         if self.curved:
             m2 = 2 * self.history_size
             torch.bmm(self._g_chunks, self._history_chunks_t, out=self._proj_chunks)
-            self._proj.zero_().view(-1, m2).index_add_(
-                0, self._chunk_block, self._proj_chunks.view(-1, m2))
+            self._segment_sum_(self._proj.view(-1, m2), self._proj_chunks.view(-1, m2))
             torch.bmm(self._proj, self._middle_t, out=self._coeff)
             torch.index_select(self._coeff.view(-1, m2), 0, self._chunk_block,
                                out=self._coeff_chunks)
@@ -200,10 +203,21 @@ class BatchedCurvature:
         else:
             self._d_pad.copy_(self._g_pad)
         torch.bmm(self._gd_chunks, self._gd_chunks.transpose(1, 2), out=self._gram_chunks)
-        gram = self._scalars[:, :4]
-        gram.zero_().index_add_(0, self._chunk_block, self._gram_chunks.view(-1, 4))
+        self._segment_sum_(self._scalars[:, :4], self._gram_chunks.view(-1, 4))
         self._scalars[:, 4].copy_(self._ring_gamma)
         return self._scalars
+
+    def _segment_sum_(self, out: torch.Tensor, rows: torch.Tensor) -> None:
+        """``out[k] = Σ rows[c]`` over block k's chunks c, added in chunk order.
+
+        CPU: ``index_add_`` into ``out`` (sequential, no allocation). Elsewhere
+        ``segment_reduce``: CUDA's ``index_add_`` accumulates floats with atomics, whose
+        order, and so whose rounding, changes from run to run.
+        """
+        if self.index_add_sums:
+            out.zero_().index_add_(0, self._chunk_block, rows)
+        else:
+            out.copy_(torch.segment_reduce(rows, "sum", lengths=self._chunk_lengths, axis=0))
 
     def graft_(self, scales: Mapping[int, float]) -> None:
         """Rescale block ``k``'s padded direction by ``scales[k]`` (one multiply for all);

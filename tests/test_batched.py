@@ -166,6 +166,16 @@ def test_bitwise_repeatable_and_independent_of_the_other_blocks() -> None:
     assert torch.equal(sub_direction, d_first[start:start + sub_direction.numel()])
 
 
+def test_segment_reduce_sums_equal_index_add_sums() -> None:
+    """The non-CPU reduction (segment_reduce, no atomics) gives the CPU one's results."""
+    batched, _, _, _ = _build(SIZES, FILLS_32, F32, seed=7, chunk=64)
+    via_index_add = batched.precondition_().clone()
+    batched.index_add_sums = False
+    via_segments = batched.precondition_().clone()
+    torch.testing.assert_close(via_segments, via_index_add, rtol=1e-6, atol=0.0)
+    assert torch.equal(batched.precondition_(), via_segments)
+
+
 def test_graft_rescales_each_block_and_falls_back_to_the_gradient() -> None:
     batched, _, grad, direction = _build(SIZES, FILLS, F64, seed=4, chunk=64)
     batched.precondition_()
