@@ -187,7 +187,8 @@ class BatchedCurvature:
             gᵀg, gᵀd, dᵀg, dᵀd of this step and the ring's γ (meaningful for curved blocks).
             A view of internal storage: read it (one transfer) before the next call.
         """
-        torch._foreach_copy_(self._g_views, self._grad_views)
+        if self._g_views:   # a rank may own no block (more ranks than blocks)
+            torch._foreach_copy_(self._g_views, self._grad_views)
         if self.curved:
             m2 = 2 * self.history_size
             torch.bmm(self._g_chunks, self._history_chunks_t, out=self._proj_chunks)
@@ -237,7 +238,8 @@ class BatchedCurvature:
 
     def write_direction_(self) -> None:
         """Copy the padded direction into the flat ``direction`` buffer."""
-        torch._foreach_copy_(self._direction_views, self._d_views)
+        if self._d_views:
+            torch._foreach_copy_(self._direction_views, self._d_views)
 
     # ---- read-outs ------------------------------------------------------------------------
     def block_direction(self, k: int) -> torch.Tensor:

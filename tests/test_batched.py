@@ -205,6 +205,17 @@ def test_no_curvature_gives_the_gradient() -> None:
         assert rows["g_dot_d"][k] == pytest.approx(float(g @ g), rel=1e-6)
 
 
+def test_a_rank_without_blocks() -> None:
+    """More ranks than blocks: a rank owns none, and its step is a no-op, not an error."""
+    batched = BatchedCurvature(grad=torch.zeros(0), direction=torch.zeros(0), block_numels=[],
+                               history_size=3, chunk=8)
+    batched.refresh()
+    assert tuple(batched.precondition_().shape) == (0, len(SCALAR_COLUMNS))
+    batched.graft_({})
+    batched.write_direction_()
+    assert scalar_rows([]) == {"g_dot_d": [], "gamma": [], "g_sq": [], "d_sq": []}
+
+
 def test_block_state_is_a_view_of_the_batched_history() -> None:
     """Writing through a block's S/Y views lands in the shared history (no copies)."""
     batched, _, _, _ = _build(SIZES, FILLS, F64, seed=6, chunk=64)
