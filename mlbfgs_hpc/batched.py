@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -55,6 +56,18 @@ CHUNK_SIZES: tuple[int, ...] = tuple(2 ** k for k in range(8, 15))   # 256 … 1
 CHUNK_OVERHEAD_COLUMNS = 512
 #: Columns of :meth:`BatchedCurvature.precondition_`'s result, one row per block.
 SCALAR_COLUMNS: tuple[str, ...] = ("g_sq", "g_dot_d", "d_dot_g", "d_sq", "gamma")
+
+
+@dataclass(frozen=True)
+class RingTotals:
+    """Pairs accepted/rejected over a rank's blocks, and the sum and count of the finite τ of
+    their last offered pairs: what the step's allgather needs, summed once per ring change
+    (every T steps) rather than per step."""
+
+    accepted: int = 0
+    rejected: int = 0
+    tau_sum: float = 0.0
+    tau_count: int = 0
 
 
 def choose_chunk(block_numels: Sequence[int]) -> int:
@@ -129,6 +142,7 @@ class BatchedCurvature:
         self._ring_gamma = torch.ones(b_count, **kw)
         self.curved: list[int] = []
         self.two_loop_blocks: list[int] = []
+        self.ring_totals = RingTotals()
         # Padded g (row 0) and d (row 1): [g; d] of a chunk is one (2, C) matrix.
         self._gd = torch.zeros(2, n_pad, **kw)
         g_pad, d_pad = self._gd[0], self._gd[1]
@@ -155,8 +169,14 @@ class BatchedCurvature:
 
     # ---- operator refresh (after pairs are offered or a state is loaded) -----------------
     def refresh(self) -> None:
-        """Restack every block's ``W`` and γ from its ring (call after its ring changed)."""
+        """Restack every block's ``W`` and γ from its ring and recount :attr:`ring_totals`
+        (call after any ring changed: pairs offered, state loaded)."""
         m = self.history_size
+        taus = [c.last_tau for c in self.blocks if math.isfinite(c.last_tau)]
+        self.ring_totals = RingTotals(
+            accepted=sum(int(c.accepted) for c in self.blocks),
+            rejected=sum(int(c.rejected) for c in self.blocks),
+            tau_sum=sum(taus), tau_count=len(taus))
         self.curved, self.two_loop_blocks = [], []
         self._middle.zero_()
         self._gamma.fill_(1.0)

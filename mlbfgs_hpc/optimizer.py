@@ -322,11 +322,10 @@ class MLBFGS(torch.optim.Optimizer):
         rows = scalar_rows(batched.precondition_().tolist())
         curved_slots = batched.curved
         block_stats = BlockStats.from_rows(rows, curved_slots)
-        taus = [c.last_tau for c in self._curvature.values() if math.isfinite(c.last_tau)]
+        counts = batched.ring_totals   # summed over the blocks when their rings changed
         local = block_stats.to_row(
-            accepted=sum(int(c.accepted) for c in self._curvature.values()),
-            rejected=sum(int(c.rejected) for c in self._curvature.values()),
-            curved=len(curved_slots), tau_sum=sum(taus), tau_count=len(taus))
+            accepted=counts.accepted, rejected=counts.rejected, curved=len(curved_slots),
+            tau_sum=counts.tau_sum, tau_count=counts.tau_count)
         totals = StepTotals.from_rank_rows(self.comm.allgather_scalars(local))
         self._global["accepted_pairs"].fill_(totals.accepted)
         self._global["rejected_pairs"].fill_(totals.rejected)
