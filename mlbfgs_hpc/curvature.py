@@ -150,10 +150,14 @@ class BlockCurvature:
         history_size: ring capacity m.
         dtype: dtype of the history (the parameters' dtype).
         device: device of the history.
+        history: ``(S, Y)`` storage to use instead of allocating it: two ``(m, numel)`` views
+            (rows may be strided), e.g. this block's columns of the batched history of
+            :class:`~mlbfgs_hpc.batched.BatchedCurvature`. ``None``: allocate (zeros).
     """
 
     def __init__(self, *, numel: int, history_size: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device,
+                 history: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         if numel < 1:
             raise ValueError(f"numel must be >= 1, got {numel}")
         if history_size < 1:
@@ -161,8 +165,14 @@ class BlockCurvature:
         self.numel = numel
         self.history_size = history_size
         kw = {"dtype": dtype, "device": device}
-        self.S = torch.zeros(history_size, numel, **kw)
-        self.Y = torch.zeros(history_size, numel, **kw)
+        if history is None:
+            history = (torch.zeros(history_size, numel, **kw),
+                       torch.zeros(history_size, numel, **kw))
+        for name, view in zip("SY", history):
+            if tuple(view.shape) != (history_size, numel) or view.dtype != dtype:
+                raise ValueError(f"history {name} must be ({history_size}, {numel}) {dtype}, "
+                                 f"got {tuple(view.shape)} {view.dtype}")
+        self.S, self.Y = history
         self.rho = torch.zeros(history_size, **kw)
         self.gamma = torch.ones((), **kw)
         self.head = torch.zeros((), dtype=torch.int64)
@@ -212,6 +222,17 @@ class BlockCurvature:
     @property
     def has_curvature(self) -> bool:
         return bool(self._order)
+
+    @property
+    def order(self) -> tuple[int, ...]:
+        """The ring slots that hold pairs, newest first."""
+        return tuple(self._order)
+
+    def middle_matrix(self) -> torch.Tensor | None:
+        """The compact form's ``W`` (``(2r, 2r)``, storage order of the first ``r`` slots, in
+        the history's dtype), or ``None`` when there is no pair or ``W`` is not finite (then
+        :meth:`apply_inverse_hessian_` runs the two-loop recursion)."""
+        return None if self._compact is None else self._compact[4]
 
     def _refresh_order(self) -> None:
         head, count, m = int(self.head), int(self.count), self.history_size

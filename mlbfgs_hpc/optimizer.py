@@ -5,7 +5,8 @@ Layout on p ranks (ownership from :mod:`mlbfgs_hpc.partition`)::
     flat vector:  | block 0 | block 1 | block 2 | block 3 | block 4 |
     owner:        |  rank 0           | rank 1  |  rank 2           |
     per rank:      m_param, m_grad, snapshots, outer momentum  -> flat over the owned slice
-                   S, Ŷ, ρ, γ ring per owned block            -> BlockCurvature
+                   S, Ŷ of all owned blocks: one (2m, n_pad)  -> BatchedCurvature
+                   ring head/count, ρ, γ, W per owned block    -> BlockCurvature (views)
     every rank:    the full update vector (Allgatherv target), applied to all parameters
 
 Step on every rank (DESIGN.md §1–§2)::
@@ -13,7 +14,8 @@ Step on every rank (DESIGN.md §1–§2)::
     gradients reduce-scattered to their owners    -> owned gradient/params into flat buffers
       (GradientReducer; or allreduced)
     allgather(non-finite flag)                    -> skip the step everywhere if any rank saw one
-    g = grad + wd·θ; EMA buffers; pairs at t = kT -> H·g (compact form) per owned block
+    g = grad + wd·θ; EMA buffers; pairs at t = kT -> H·g (compact form), all owned blocks
+                                                     in a fixed number of kernels
     allgather(gᵀd, #curved blocks, counters)      -> identical guard ν on every rank
     outer momentum, lr per param group            -> Allgatherv(update)   -> θ ← θ − update
                                                      (flat, or node-aware: one copy per host
@@ -32,6 +34,7 @@ from typing import Any
 
 import torch
 
+from .batched import BatchedCurvature, choose_chunk, scalar_rows
 from .blocks import ParamBlock, blocks_from_parameters, check_blocks_cover
 from .comm import (GRAD_BACKENDS, GRAD_REDUCE_MODES, GradBackend, GradientReducer, GradReduce,
                    LocalCommunicator, tensor_digest)
@@ -40,7 +43,7 @@ from .curvature import BlockCurvature
 from .optimizer_state import (FLAT_STATE_KEYS, GLOBAL_STATE_KEYS, STATE_FORMAT_VERSION,
                               check_saved_state, param_group_table)
 from .partition import Ownership
-from .stepsize import BLOCK_SCALARS, DIAGNOSTIC_KEYS, BlockStats, StepTotals, kl_factor
+from .stepsize import DIAGNOSTIC_KEYS, BlockStats, StepTotals, kl_factor
 
 logger = logging.getLogger(__name__)
 
@@ -207,14 +210,11 @@ class MLBFGS(torch.optim.Optimizer):
         owned_params: list[torch.Tensor] = []
         segments: list[_Segment] = []
         self._block_slices: dict[int, slice] = {}
-        self._curvature: dict[int, BlockCurvature] = {}
         cursor = 0
         max_block = 0
         for b in self.owned_blocks:
             block = self.blocks[b]
             self._block_slices[b] = slice(cursor, cursor + block.numel)
-            self._curvature[b] = BlockCurvature(
-                numel=block.numel, history_size=self.config.history_size, **kw)
             max_block = max(max_block, block.numel)
             for p in block.params:
                 gi = group_of[id(p)]
@@ -225,6 +225,15 @@ class MLBFGS(torch.optim.Optimizer):
                 owned_params.append(p)
                 cursor += p.numel()
         self._owned_params = owned_params
+        # One history for all owned blocks; each block's ring is a BlockCurvature over its
+        # columns (pairs, W, checkpoints), H·g runs batched over all of them.
+        self._batched = BatchedCurvature(
+            grad=self._grad, direction=self._direction,
+            block_numels=[self.blocks[b].numel for b in self.owned_blocks],
+            history_size=self.config.history_size,
+            chunk=choose_chunk([block.numel for block in self.blocks]))
+        self._curvature: dict[int, BlockCurvature] = dict(zip(self.owned_blocks,
+                                                              self._batched.blocks))
         self._segments = segments
         sizes = [p.numel() for p in owned_params]
         self._grad_views = list(self._grad.split(sizes))
@@ -237,13 +246,6 @@ class MLBFGS(torch.optim.Optimizer):
         self._scratch_s = torch.zeros(max_block, **kw)
         self._scratch_y = torch.zeros(max_block, **kw)
         self._scratch_h = torch.zeros(max_block if self.config.double_damping else 0, **kw)
-        # Per owned block, gᵀd, γ, gᵀg and dᵀd of this step, written on the parameters'
-        # device and read back by ONE transfer: on a GPU a float() per block would be a
-        # host-device synchronisation each (4 per block per step).
-        self._block_scalars = torch.zeros(len(BLOCK_SCALARS), len(self.owned_blocks), **kw)
-        self._slots = {name: tuple(self._block_scalars[row, k:k + 1]
-                                   for k in range(len(self.owned_blocks)))
-                       for row, name in enumerate(BLOCK_SCALARS)}
         self._diagnostics = dict.fromkeys(DIAGNOSTIC_KEYS, math.nan)
         self._global = {
             "step": torch.zeros((), dtype=torch.int64),
@@ -277,8 +279,7 @@ class MLBFGS(torch.optim.Optimizer):
     def optimizer_state_bytes(self) -> int:
         """Bytes of optimizer state held by this rank (buffers, rings, scratch)."""
         tensors = [self._grad, self._param, self._direction, self._scratch_s, self._scratch_y,
-                   *self._flat_state.values()]
-        tensors += [t for c in self._curvature.values() for t in c.state_tensors().values()]
+                   *self._flat_state.values(), *self._batched.tensors()]
         return sum(t.numel() * t.element_size() for t in tensors) + \
             self._update.numel() * self._update.element_size()
 
@@ -320,26 +321,16 @@ class MLBFGS(torch.optim.Optimizer):
             self._flat_state["snap_param"].copy_(self._flat_state["m_param"])
             self._flat_state["snap_grad"].copy_(self._flat_state["m_grad"])
 
-        slots = self._slots
-        curved_slots: list[int] = []
-        for k, (b, sl) in enumerate(self._block_slices.items()):
-            d, g = self._direction[sl], self._grad[sl]
-            d.copy_(g)
-            curvature = self._curvature[b]
-            if curvature.has_curvature:
-                curvature.apply_inverse_hessian_(d)
-                curved_slots.append(k)
-                slots["gamma"][k].copy_(curvature.gamma)
-                torch.mv(g.view(1, -1), g, out=slots["g_sq"][k])
-                torch.mv(d.view(1, -1), d, out=slots["d_sq"][k])
-            torch.mv(g.view(1, -1), d, out=slots["g_dot_d"][k])
-        rows = dict(zip(BLOCK_SCALARS, self._block_scalars.tolist()))  # ONE device → host
+        # H·g for every owned block at once, and per block gᵀd, γ, gᵀg, dᵀd, read back by
+        # ONE transfer (on a GPU a float() per block would be a synchronisation each).
+        batched = self._batched
+        rows = scalar_rows(batched.precondition_().tolist())
+        curved_slots = batched.curved
         block_stats = BlockStats.from_rows(rows, curved_slots)
-        taus = [c.last_tau for c in self._curvature.values() if math.isfinite(c.last_tau)]
+        counts = batched.ring_totals   # summed over the blocks when their rings changed
         local = block_stats.to_row(
-            accepted=sum(int(c.accepted) for c in self._curvature.values()),
-            rejected=sum(int(c.rejected) for c in self._curvature.values()),
-            curved=len(curved_slots), tau_sum=sum(taus), tau_count=len(taus))
+            accepted=counts.accepted, rejected=counts.rejected, curved=len(curved_slots),
+            tau_sum=counts.tau_sum, tau_count=counts.tau_count)
         totals = StepTotals.from_rank_rows(self.comm.allgather_scalars(local))
         self._global["accepted_pairs"].fill_(totals.accepted)
         self._global["rejected_pairs"].fill_(totals.rejected)
@@ -348,15 +339,19 @@ class MLBFGS(torch.optim.Optimizer):
 
         nu = 1.0
         applied_sq = totals.d_sq_sum   # ‖direction‖² as applied, for the step-scale diagnostic
-        if totals.curved:  # the guard acts only once curvature is in use (DESIGN.md §1.7)
-            if not math.isfinite(totals.g_dot_d) or totals.g_dot_d <= 0.0:
-                self._direction.copy_(self._grad)
-                self._global["sgd_fallbacks"] += 1
+        # The guard acts only once curvature is in use (DESIGN.md §1.7).
+        if totals.curved and (not math.isfinite(totals.g_dot_d) or totals.g_dot_d <= 0.0):
+            self._direction.copy_(self._grad)
+            self._global["sgd_fallbacks"] += 1
+            applied_sq = totals.g_sq_sum
+        else:
+            if totals.curved and cfg.clip == "graft":
+                # Per-block grafting: each curved block's H·g rescaled to the norm of its g
+                # (Agarwal et al. 2020); local to the owner, one multiply for all blocks.
+                batched.graft_(block_stats.graft_scales)
                 applied_sq = totals.g_sq_sum
-            elif cfg.clip == "graft":
-                self._graft_blocks(block_stats)
-                applied_sq = totals.g_sq_sum
-            elif cfg.clip == "kl":
+            batched.write_direction_()
+            if totals.curved and cfg.clip == "kl":
                 nu = kl_factor(totals.g_dot_d, kl_clip=cfg.kl_clip)
                 if nu < 1.0:
                     self._direction.mul_(nu)
@@ -415,22 +410,7 @@ class MLBFGS(torch.optim.Optimizer):
                 s.copy_(smooth_s)
                 y.copy_(smooth_y)
             curvature.offer_pair(s, y, config=cfg, scratch=self._scratch_h[:n])
-
-    def _graft_blocks(self, stats: BlockStats) -> None:
-        """Per-block grafting: each curved block's H·g rescaled to the norm of its g.
-
-        The curvature chooses the direction inside a block, the gradient (SGD) its length
-        (Agarwal et al. 2020, "Disentangling adaptive gradient methods from learning rates").
-        A block whose H·g is zero or non-finite takes its gradient instead. Local to the
-        owner: no rank needs another's blocks.
-        """
-        blocks = list(self._block_slices.values())
-        for k, scale in stats.graft_scales.items():
-            sl = blocks[k]
-            if math.isfinite(scale) and scale > 0.0:
-                self._direction[sl].mul_(scale)
-            else:
-                self._direction[sl].copy_(self._grad[sl])
+        self._batched.refresh()
 
     def _apply_outer_momentum(self, *, first: bool) -> None:
         cfg = self.config
@@ -493,6 +473,7 @@ class MLBFGS(torch.optim.Optimizer):
             for key in FLAT_STATE_KEYS:
                 self._flat_state[key][sl].copy_(saved_block[key])
             self._curvature[b].load_state_tensors(saved_block)
+        self._batched.refresh()
         for key in GLOBAL_STATE_KEYS:
             self._global[key].copy_(state_dict["global"][key])
         for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):

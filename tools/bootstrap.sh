@@ -9,11 +9,15 @@
 #   2. A virtual environment in ./.venv with torch==2.13.0 (CPU), numpy, h5py, mpi4py, ...
 #   3. Horovod 0.28.1 from its sdist with the C++17 fix (0.28.1 sets C++14, which torch 2.x
 #      rejects). The built wheel is cached in $MLBFGS_WHEEL_CACHE so a rebuild is never needed.
+#      CPU (MPI) build by default; on a machine with a GPU, the CUDA torch wheel's NCCL
+#      (nvidia-nccl-cu*) and a CUDA toolkit (nvcc), the GPU build (HOROVOD_GPU_OPERATIONS=NCCL),
+#      cached apart under $MLBFGS_WHEEL_CACHE/horovod-nccl/. tools/horovod_flavor.py decides
+#      and says why.
 #   4. The package itself, editable, with its console scripts.
 #
 # Environment knobs: MLBFGS_VENV (default ./.venv), MLBFGS_WHEEL_CACHE
 # (default ~/.cache/mlbfgs-hpc/wheels), MLBFGS_SKIP_APT=1 to skip stage 1 (non-root users
-# who already have the packages).
+# who already have the packages), MLBFGS_HOROVOD=auto|cpu|nccl (default auto: see stage 3).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -75,11 +79,21 @@ if [[ ! -f $stamp/deps-$req_hash ]]; then
 fi
 
 # ---- 3. Horovod, patched for C++17, cached as a wheel -------------------------------
-if ! "$py" -c "import horovod.torch" 2>/dev/null; then
-  mkdir -p "$wheel_cache"
-  wheel=$(ls "$wheel_cache"/horovod-$horovod_version-*.whl 2>/dev/null | head -n1 || true)
+# flavor=cpu|nccl, reason, nccl_home/include/lib, cuda_home (tools/horovod_flavor.py)
+eval "$("$py" "$repo/tools/horovod_flavor.py")"
+if [[ $flavor == nccl ]]; then
+  horovod_ok='import horovod.torch as hvd; assert hvd.mpi_built() and hvd.nccl_built()'
+  flavor_cache=$wheel_cache/horovod-nccl   # never mixed up with the CPU wheel
+else
+  horovod_ok='import horovod.torch as hvd; assert hvd.mpi_built()'
+  flavor_cache=$wheel_cache
+fi
+if ! "$py" -c "$horovod_ok" 2>/dev/null; then
+  log "Horovod flavour: $flavor ($reason)"
+  mkdir -p "$flavor_cache"
+  wheel=$(ls "$flavor_cache"/horovod-$horovod_version-*.whl 2>/dev/null | head -n1 || true)
   if [[ -z $wheel ]]; then
-    log "building Horovod $horovod_version from its sdist (C++17 patch, MPI, ~2 min)"
+    log "building Horovod $horovod_version from its sdist (C++17 patch, MPI, $flavor, ~2 min)"
     work=$(mktemp -d)
     trap 'rm -rf "$work"' EXIT
     "$py" -m pip download -q --no-deps --no-binary :all: -d "$work" "horovod==$horovod_version"
@@ -88,15 +102,24 @@ if ! "$py" -c "import horovod.torch" 2>/dev/null; then
     sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' \
         "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"
     grep -q 'CMAKE_CXX_STANDARD 17' "$src/horovod/torch/CMakeLists.txt"
-    HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITHOUT_TENSORFLOW=1 \
-    HOROVOD_WITHOUT_MXNET=1 HOROVOD_WITHOUT_GLOO=1 HOROVOD_CPU_OPERATIONS=MPI \
-    MAKEFLAGS=-j"$(nproc)" \
-      "$py" -m pip wheel -q --no-deps --no-build-isolation -w "$wheel_cache" "$src"
-    wheel=$(ls "$wheel_cache"/horovod-$horovod_version-*.whl | head -n1)
+    gpu_env=()
+    if [[ $flavor == nccl ]]; then
+      # The wheel ships libnccl.so.2 only; Horovod's CMake looks for libnccl.so.
+      mkdir -p "$work/nccl-lib"
+      ln -s "$(ls "$nccl_lib"/libnccl.so* | head -n1)" "$work/nccl-lib/libnccl.so"
+      gpu_env=(HOROVOD_GPU_OPERATIONS=NCCL HOROVOD_NCCL_HOME="$nccl_home"
+               HOROVOD_NCCL_INCLUDE="$nccl_include" HOROVOD_NCCL_LIB="$work/nccl-lib"
+               HOROVOD_CUDA_HOME="$cuda_home")
+    fi
+    env HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITHOUT_TENSORFLOW=1 \
+        HOROVOD_WITHOUT_MXNET=1 HOROVOD_WITHOUT_GLOO=1 HOROVOD_CPU_OPERATIONS=MPI \
+        "${gpu_env[@]}" MAKEFLAGS=-j"$(nproc)" \
+      "$py" -m pip wheel -q --no-deps --no-build-isolation -w "$flavor_cache" "$src"
+    wheel=$(ls "$flavor_cache"/horovod-$horovod_version-*.whl | head -n1)
   fi
-  log "installing $(basename "$wheel")"
-  "${pip[@]}" --no-deps "$wheel"
-  "$py" -c "import horovod.torch as hvd; assert hvd.mpi_built()"
+  log "installing $(basename "$wheel") ($flavor)"
+  "${pip[@]}" --no-deps --force-reinstall "$wheel"
+  "$py" -c "$horovod_ok"
 fi
 
 # ---- 4. the package -------------------------------------------------------------------

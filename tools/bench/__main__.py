@@ -14,6 +14,7 @@ from pathlib import Path
 
 #: Stand-alone benchmarks: command -> module (each has ``main(argv) -> int``).
 COMMANDS: dict[str, str] = {"gpu": "gpu", "multinode": "multinode", "checkpoint": "checkpoint",
+                            "batched": "batched",
                             "netpaths": "netpaths", "alphabeta": "alphabeta"}
 
 

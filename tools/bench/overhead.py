@@ -14,10 +14,11 @@ every optimizer, one process. Protocol:
    repeat* is one sample; the report gives median and quartiles over the R samples.
 3. Breakdown: the *unmodified* ``MLBFGS.step`` runs with its private pieces wrapped by
    timers on the instance (``_gather_owned``, ``_apply_weight_decay``,
-   ``_update_momentum_buffers``, ``_form_pairs``, every ``BlockCurvature.
-   apply_inverse_hessian_``, ``_apply_outer_momentum``, the communicator's collectives).
-   What the step does inline (copy d ← g, the gᵀd dots and the step-size guard, snapshot
-   copies, counters, ``_foreach_sub_`` of the update) is the remainder "guard + inline".
+   ``_update_momentum_buffers``, ``_form_pairs``, ``BatchedCurvature.precondition_`` ("H·g":
+   H·g of every owned block at once, with the per-block gᵀg, gᵀd, dᵀd), ``_apply_outer_momentum``,
+   the communicator's collectives). What the step does inline (the read-back, the step-size
+   guard and grafting, the copy of the direction out, snapshot copies, counters,
+   ``_foreach_sub_`` of the update) is the remainder "guard + inline".
 """
 
 from __future__ import annotations
@@ -39,10 +40,17 @@ from .driver import CURVATURE_PERIOD, OPTIMIZERS, BenchTrainer, make_args
 
 logger = logging.getLogger(__name__)
 
-#: The step-time configurations: (label, model, dataset).
-CONFIGS: tuple[tuple[str, str, str], ...] = (
-    ("cnn/fashion-mnist", "cnn", "fashion-mnist"),
-    ("mlp/digits", "mlp", "digits"),
+#: The step-time configurations: (label, model, dataset, extra mlbfgs-train arguments). The
+#: 8-layer transformer has 52 blocks (one per layer): the case where a per-block step would
+#: cost most (issue 12); width 32 and batch 32 keep its iteration near 0.15 s here (width 64
+#: at batch 128: 0.9 s, too slow for the 1,650 timed iterations of the protocol), and lr 0.01
+#: for every optimizer keeps it finite (at the TIMING_LR values SGD and mL-BFGS diverged
+#: within 5 steps, and skipped steps time nothing).
+CONFIGS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    ("cnn/fashion-mnist", "cnn", "fashion-mnist", ()),
+    ("mlp/digits", "mlp", "digits", ()),
+    ("transformer-d8w32-b32/python-stdlib", "transformer", "python-stdlib",
+     ("--depth", "8", "--width", "32", "--batch-size", "32", "--lr", "0.01")),
 )
 #: Learning rates for the timing runs (the driver's defaults; timing does not depend on them
 #: as long as nothing diverges, which the result records).
@@ -103,8 +111,8 @@ def _instrument(opt: MLBFGS, sink: dict[str, float]) -> Callable[[], None]:
     wrap(opt, "_update_momentum_buffers", "momentum update")
     wrap(opt, "_form_pairs", "pair update")
     wrap(opt, "_apply_outer_momentum", "outer momentum")
-    for curv in opt._curvature.values():
-        wrap(curv, "apply_inverse_hessian_", "H·g")
+    # H·g of all owned blocks at once, with the per-block gᵀg, gᵀd, dᵀd (batched.py).
+    wrap(opt._batched, "precondition_", "H·g")
     # The communicator is shared (one per trainer); on one rank its collectives are no-ops
     # whose Python call overhead is still part of the step.
     for attr in ("allgather_scalars", "allgatherv_"):
@@ -201,7 +209,7 @@ def measure_config(label: str, model: str, dataset: str, *, repeats: int, thread
     result = {
         "label": label, "model": model, "dataset": dataset, "threads": threads,
         "device": str(steppers["mlbfgs"].trainer.device),
-        "batch_size": 128, "history": HISTORY, "update_freq": period, "repeats": repeats,
+        "batch_size": steppers["mlbfgs"].trainer.args.batch_size, "history": HISTORY, "update_freq": period, "repeats": repeats,
         "window_steps": period, "warmup_seconds": warm_seconds,
         "parameters": sum(p.numel() for p in steppers["mlbfgs"].trainer.model.parameters()),
         "blocks": n_blocks, "mlbfgs_counters": counters, "params_finite": finite,
@@ -224,13 +232,15 @@ def measure_config(label: str, model: str, dataset: str, *, repeats: int, thread
     return result
 
 
-def run(*, quick: bool, threads: int, configs: tuple[tuple[str, str, str], ...] = CONFIGS
-        ) -> dict[str, Any]:
+def run(*, quick: bool, threads: int,
+        configs: tuple[tuple[str, str, str, tuple[str, ...]], ...] = CONFIGS,
+        optimizers: tuple[str, ...] = OPTIMIZERS) -> dict[str, Any]:
     start = time.perf_counter()
     out = {"configs": [measure_config(label, model, dataset, threads=threads,
                                       repeats=3 if quick else 10,
-                                      period=10 if quick else CURVATURE_PERIOD)
-                       for label, model, dataset in configs]}
+                                      period=10 if quick else CURVATURE_PERIOD,
+                                      optimizers=optimizers, extra_args=extra)
+                       for label, model, dataset, extra in configs]}
     out["seconds"] = time.perf_counter() - start
     return out
 

@@ -1,0 +1,249 @@
+"""Tests of the batched curvature (``mlbfgs_hpc.batched``) against the per-block reference.
+
+* ``H·g`` of all blocks at once equals each block's own :class:`BlockCurvature` (its compact
+  form, and its two-loop where ``W`` is not finite) on random blocks with different ring
+  fills: no pair, one pair, a rejected pair, a wrapped ring, a non-finite ``W``: float64 to
+  1e-12, float32 to rounding (a few ulps of the result's scale).
+* The per-block scalars (gᵀg, gᵀd, dᵀd, γ) equal the dots of the reference directions;
+  grafting equals the per-block rescale (and a bad scale takes the gradient).
+* Bitwise repeatable, and a block's result does not depend on which other blocks are held
+  (one rank owning all blocks vs. ranks owning parts of them).
+* :func:`choose_chunk`, argument checks, and the optimizer's state: block views of the
+  batched history, loaded and saved unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mlbfgs_hpc.batched import (CHUNK_SIZES, SCALAR_COLUMNS, BatchedCurvature, choose_chunk,
+                                scalar_rows)
+from mlbfgs_hpc.config import MLBFGSConfig
+from mlbfgs_hpc.curvature import CURVATURE_STATE_KEYS, BlockCurvature
+
+F64, F32 = torch.float64, torch.float32
+CPU = torch.device("cpu")
+NO_DAMPING = MLBFGSConfig(damping=0.0, sigma_low=0.0, sigma_high=1e12)
+M = 4
+#: Block sizes (tiny, chunk-straddling, one chunk exactly) and how each ring is filled.
+SIZES = (7, 300, 64, 1, 129, 50)
+FILLS = ("empty", "wrapped", "rejected", "one", "singular", "full")
+#: float32 cannot hold a ρ that makes W overflow in float64 yet keeps the two-loop finite.
+FILLS_32 = tuple("full" if f == "singular" else f for f in FILLS)
+
+
+def _pair(n: int, gen: torch.Generator, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    s = torch.randn(n, generator=gen, dtype=F64)
+    y = torch.logspace(-1, 1, n, dtype=F64) * s + 0.01 * torch.randn(n, generator=gen,
+                                                                     dtype=F64)
+    return s.to(dtype), y.to(dtype)
+
+
+def _fill(curv: BlockCurvature, fill: str, gen: torch.Generator) -> None:
+    """Put ``fill``'s history into ``curv`` (through its own offer_pair / state loading)."""
+    n, dtype = curv.numel, curv.S.dtype
+    offers = {"empty": 0, "one": 1, "rejected": 2, "wrapped": M + 3, "full": M}.get(fill, 0)
+    for i in range(offers):
+        s, y = _pair(n, gen, dtype)
+        if fill == "rejected" and i == 1:
+            y = -s                                   # sᵀy < 0: rejected, counted
+        curv.offer_pair(s, y, config=NO_DAMPING)
+    if fill == "singular":
+        # ρ = 1e300 with s = ŷ = e₀: R = [1e-300], so W overflows (not finite) and the block
+        # runs the two-loop, which stays finite for a q with q₀ = 0 (see _build).
+        state = {k: v.clone() for k, v in curv.state_tensors().items()}
+        e0 = torch.zeros(n, dtype=dtype)
+        e0[0] = 1.0
+        state["S"][0] = e0
+        state["Y"][0] = e0
+        state["rho"][0] = 1e300
+        state["head"].fill_(1)
+        state["count"].fill_(1)
+        curv.load_state_tensors(state)
+
+
+def _build(sizes: tuple[int, ...], fills: tuple[str, ...], dtype: torch.dtype, *, seed: int,
+           chunk: int) -> tuple[BatchedCurvature, list[BlockCurvature], torch.Tensor,
+                                torch.Tensor]:
+    """A batched curvature and, per block, a reference BlockCurvature with the same ring."""
+    n = sum(sizes)
+    grad = torch.zeros(n, dtype=dtype)
+    direction = torch.zeros(n, dtype=dtype)
+    batched = BatchedCurvature(grad=grad, direction=direction, block_numels=sizes,
+                               history_size=M, chunk=chunk)
+    refs = []
+    for k, (size, fill) in enumerate(zip(sizes, fills)):
+        ref = BlockCurvature(numel=size, history_size=M, dtype=dtype, device=CPU)
+        _fill(ref, fill, torch.Generator().manual_seed(seed + k))
+        batched.blocks[k].load_state_tensors(ref.state_tensors())
+        refs.append(ref)
+    batched.refresh()
+    grad.copy_(torch.randn(n, generator=torch.Generator().manual_seed(seed + 99), dtype=F64))
+    for k, fill in enumerate(fills):
+        if fill == "singular":
+            grad[sum(sizes[:k])] = 0.0
+    return batched, refs, grad, direction
+
+
+def _reference(refs: list[BlockCurvature], grad: torch.Tensor) -> list[torch.Tensor]:
+    out, start = [], 0
+    for ref in refs:
+        q = grad[start:start + ref.numel].clone()
+        out.append(ref.apply_inverse_hessian_(q) if ref.has_curvature else q)
+        start += ref.numel
+    return out
+
+
+def _blocks(flat: torch.Tensor, sizes: tuple[int, ...]) -> list[torch.Tensor]:
+    return list(flat.split(list(sizes)))
+
+
+def test_fixtures_cover_every_ring_state() -> None:
+    batched, refs, _, _ = _build(SIZES, FILLS, F64, seed=0, chunk=64)
+    by_fill = dict(zip(FILLS, refs))
+    assert not by_fill["empty"].has_curvature
+    assert int(by_fill["rejected"].rejected) == 1 and int(by_fill["rejected"].count) == 1
+    assert int(by_fill["wrapped"].accepted) == M + 3 and int(by_fill["wrapped"].head) == 3
+    assert by_fill["singular"].middle_matrix() is None and by_fill["singular"].has_curvature
+    assert batched.curved == [k for k, f in enumerate(FILLS) if f != "empty"]
+    assert batched.two_loop_blocks == [FILLS.index("singular")]
+
+
+@pytest.mark.parametrize("chunk", [16, 64, 512])
+def test_batched_equals_per_block_float64(chunk: int) -> None:
+    batched, refs, grad, direction = _build(SIZES, FILLS, F64, seed=1, chunk=chunk)
+    scalars = batched.precondition_().clone()
+    batched.write_direction_()
+    expected = _reference(refs, grad)
+    for k, (got, want) in enumerate(zip(_blocks(direction, SIZES), expected)):
+        scale = float(want.abs().max())
+        assert float((got - want).abs().max()) <= 1e-12 * scale, (k, FILLS[k])
+        g = grad[sum(SIZES[:k]):sum(SIZES[:k + 1])]
+        row = dict(zip(SCALAR_COLUMNS, scalars[k].tolist()))
+        assert row["g_sq"] == pytest.approx(float(g @ g), rel=1e-12)
+        assert row["g_dot_d"] == pytest.approx(float(g @ want), rel=1e-12, abs=1e-12)
+        assert row["d_sq"] == pytest.approx(float(want @ want), rel=1e-12)
+        assert row["gamma"] == float(refs[k].gamma)
+    empty = FILLS.index("empty")
+    assert torch.equal(_blocks(direction, SIZES)[empty], _blocks(grad, SIZES)[empty])
+
+
+def test_batched_equals_per_block_float32_to_rounding() -> None:
+    batched, refs, grad, direction = _build(SIZES, FILLS_32, F32, seed=2, chunk=64)
+    batched.precondition_()
+    batched.write_direction_()
+    for k, (got, want) in enumerate(zip(_blocks(direction, SIZES), _reference(refs, grad))):
+        # Two summation orders of the same float32 products: a few ulps of the largest term.
+        bound = 64 * torch.finfo(F32).eps * float(want.abs().max())
+        assert float((got - want).abs().max()) <= bound, (k, FILLS_32[k])
+
+
+def test_bitwise_repeatable_and_independent_of_the_other_blocks() -> None:
+    """Run twice: identical bits. Blocks 2..4 held alone (as another rank would) give the
+    bits they give when held with all others (same chunk size)."""
+    batched, _, grad, direction = _build(SIZES, FILLS_32, F32, seed=3, chunk=64)
+    first = batched.precondition_().clone()
+    batched.write_direction_()
+    d_first = direction.clone()
+    second = batched.precondition_().clone()
+    batched.write_direction_()
+    assert torch.equal(first, second) and torch.equal(direction, d_first)
+
+    part = slice(2, 5)
+    sub, _, sub_grad, sub_direction = _build(SIZES[part], FILLS_32[part], F32, seed=3 + 2,
+                                             chunk=64)
+    start = sum(SIZES[:2])
+    sub_grad.copy_(grad[start:start + sub_grad.numel()])
+    for k in range(3):     # same rings as the full run's blocks 2..4 (same seeds)
+        for key, value in batched.blocks[2 + k].state_tensors().items():
+            assert torch.equal(sub.blocks[k].state_tensors()[key], value), key
+    sub_scalars = sub.precondition_()
+    sub.write_direction_()
+    assert torch.equal(sub_scalars, first[part])
+    assert torch.equal(sub_direction, d_first[start:start + sub_direction.numel()])
+
+
+def test_segment_reduce_sums_equal_index_add_sums() -> None:
+    """The non-CPU reduction (segment_reduce, no atomics) gives the CPU one's results."""
+    batched, _, _, _ = _build(SIZES, FILLS_32, F32, seed=7, chunk=64)
+    via_index_add = batched.precondition_().clone()
+    batched.index_add_sums = False
+    via_segments = batched.precondition_().clone()
+    torch.testing.assert_close(via_segments, via_index_add, rtol=1e-6, atol=0.0)
+    assert torch.equal(batched.precondition_(), via_segments)
+
+
+def test_graft_rescales_each_block_and_falls_back_to_the_gradient() -> None:
+    batched, _, grad, direction = _build(SIZES, FILLS, F64, seed=4, chunk=64)
+    batched.precondition_()
+    batched.write_direction_()
+    before = _blocks(direction.clone(), SIZES)
+    one, full = FILLS.index("one"), FILLS.index("full")
+    batched.graft_({one: 2.5, full: math.nan})
+    batched.write_direction_()
+    after = _blocks(direction, SIZES)
+    for k in range(len(SIZES)):
+        if k == one:
+            assert torch.equal(after[k], before[k] * 2.5)
+        elif k == full:
+            assert torch.equal(after[k], _blocks(grad, SIZES)[k])
+        else:
+            assert torch.equal(after[k], before[k])
+
+
+def test_no_curvature_gives_the_gradient() -> None:
+    sizes = (5, 40)
+    batched, _, grad, direction = _build(sizes, ("empty", "empty"), F32, seed=5, chunk=16)
+    assert batched.curved == []
+    rows = scalar_rows(batched.precondition_().tolist())
+    batched.write_direction_()
+    assert torch.equal(direction, grad)
+    for k, g in enumerate(_blocks(grad, sizes)):
+        assert rows["g_dot_d"][k] == pytest.approx(float(g @ g), rel=1e-6)
+
+
+def test_a_rank_without_blocks() -> None:
+    """More ranks than blocks: a rank owns none, and its step is a no-op, not an error."""
+    batched = BatchedCurvature(grad=torch.zeros(0), direction=torch.zeros(0), block_numels=[],
+                               history_size=3, chunk=8)
+    batched.refresh()
+    assert tuple(batched.precondition_().shape) == (0, len(SCALAR_COLUMNS))
+    batched.graft_({})
+    batched.write_direction_()
+    assert scalar_rows([]) == {"g_dot_d": [], "gamma": [], "g_sq": [], "d_sq": []}
+
+
+def test_block_state_is_a_view_of_the_batched_history() -> None:
+    """Writing through a block's S/Y views lands in the shared history (no copies)."""
+    batched, _, _, _ = _build(SIZES, FILLS, F64, seed=6, chunk=64)
+    block = batched.blocks[1]
+    assert set(block.state_tensors()) == set(CURVATURE_STATE_KEYS)
+    assert block.S.untyped_storage().data_ptr() == \
+        batched.blocks[0].S.untyped_storage().data_ptr()
+    assert tuple(block.S.shape) == (M, SIZES[1])
+
+
+def test_choose_chunk() -> None:
+    assert choose_chunk([]) == CHUNK_SIZES[0]
+    assert choose_chunk([400_000]) == CHUNK_SIZES[-1]          # one big block: big chunks
+    assert choose_chunk([16] * 100) == CHUNK_SIZES[0]          # many tiny ones: small chunks
+    sizes = [16] * 40 + [36_864] * 10
+    best = choose_chunk(sizes)
+    cost = {c: sum(math.ceil(n / c) for n in sizes) * (c + 512) for c in CHUNK_SIZES}
+    assert cost[best] == min(cost.values())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"block_numels": [3, 0]}, "block sizes"),
+    ({"history_size": 0}, "history_size"),
+    ({"chunk": 0}, "chunk"),
+    ({"block_numels": [3, 3]}, "grad must be a flat tensor of 6"),
+])
+def test_argument_checks(kwargs: dict, match: str) -> None:
+    args = {"grad": torch.zeros(5), "direction": torch.zeros(5), "block_numels": [2, 3],
+            "history_size": 2, "chunk": 4, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        BatchedCurvature(**args)
