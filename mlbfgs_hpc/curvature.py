@@ -77,7 +77,8 @@ def damping_factor(mu: float, *, tau0: float, sigma_low: float, sigma_high: floa
 
 def inverse_damping_factor(s_dot_y: float, y_h_y: float, *, mu1: float) -> float:
     """θ of double damping's first stage: s ← θ·s + (1−θ)·H·y gives sᵀy = μ1·yᵀHy when
-    sᵀy < μ1·yᵀHy (θ ∈ (0, 1 − μ1]); 1 (no change) otherwise or when yᵀHy is not > 0."""
+    sᵀy < μ1·yᵀHy (θ ∈ (0, 1): at least 1 − μ1 when sᵀy ≥ 0); 1 (no change) otherwise or
+    when yᵀHy is not > 0."""
     if not (math.isfinite(s_dot_y) and math.isfinite(y_h_y)) or y_h_y <= 0.0:
         return 1.0
     if s_dot_y >= mu1 * y_h_y:
