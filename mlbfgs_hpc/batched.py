@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from .curvature import BlockCurvature
+from .stepsize import BLOCK_SCALARS
 
 #: Chunk sizes :func:`choose_chunk` picks from (powers of two).
 CHUNK_SIZES: tuple[int, ...] = tuple(2 ** k for k in range(8, 15))   # 256 … 16,384
@@ -280,5 +281,4 @@ def scalar_rows(values: Sequence[Sequence[float]]) -> dict[str, list[float]]:
     """The read-back of :meth:`BatchedCurvature.precondition_` as
     :data:`~mlbfgs_hpc.stepsize.BLOCK_SCALARS` rows (one value per block)."""
     columns = dict(zip(SCALAR_COLUMNS, zip(*values))) if values else {}
-    return {"g_dot_d": list(columns.get("g_dot_d", ())), "gamma": list(columns.get("gamma", ())),
-            "g_sq": list(columns.get("g_sq", ())), "d_sq": list(columns.get("d_sq", ()))}
+    return {name: list(columns.get(name, ())) for name in BLOCK_SCALARS}
