@@ -279,6 +279,7 @@ class MLBFGS(torch.optim.Optimizer):
     def optimizer_state_bytes(self) -> int:
         """Bytes of optimizer state held by this rank (buffers, rings, scratch)."""
         tensors = [self._grad, self._param, self._direction, self._scratch_s, self._scratch_y,
+                   self._scratch_h,
                    *self._flat_state.values(), *self._batched.tensors()]
         return sum(t.numel() * t.element_size() for t in tensors) + \
             self._update.numel() * self._update.element_size()
