@@ -32,6 +32,9 @@ RUNS = {  # name: (ranks, extra args); 0 ranks = plain python, no launcher
     "p4_mpi": (4, ["--backend", "mpi"]),
     "single_nan": (0, ["--nan-step", "7"]),
     "p3_nan": (3, ["--nan-step", "7", "--backend", "mpi"]),
+    # Double damping runs per block on its owner, at pair time (H·y from the block's ring).
+    "single_dd": (0, ["--double-damping", "0.5"]),
+    "p3_dd": (3, ["--double-damping", "0.5", "--backend", "mpi"]),
     # The default gradient path is the reduce-scatter (node-aware off on one host); the others
     # in one job: the allreduce, and the node-aware collectives forced on (one host: the
     # intra-host steps alone, with an inter-host step among one leader).
@@ -78,6 +81,18 @@ def test_every_gradient_path_equals_single_process(runs: dict[str, Path], path: 
         assert record["grad_reduce"] == path.split("-")[1]
         assert record["counters"] == single | {"last_nu": record["counters"]["last_nu"],
                                                "last_gamma": record["counters"]["last_gamma"]}
+
+
+def test_double_damping_on_p_ranks_equals_single_process(runs: dict[str, Path]) -> None:
+    """``double_damping`` changes the pairs (the result differs from the run without it) and
+    3 ranks, each damping only the blocks it owns, end where one process does."""
+    with_dd = _params(runs["single_dd"])
+    assert_same_params(with_dd, _params(runs["p3_dd"]), atol=ATOL)
+    without = _params(runs["single"])
+    assert max((with_dd[k] - without[k]).abs().max().item() for k in with_dd) > 1e-6
+    single = _records(runs["single_dd"])[0]["counters"]
+    for record in _records(runs["p3_dd"]):
+        assert record["counters"]["accepted_pairs"] == single["accepted_pairs"] > 0
 
 
 def test_horovod_and_mpi_backends_agree(runs: dict[str, Path]) -> None:

@@ -30,6 +30,7 @@ def main() -> None:
                         help="train once per variant (e.g. mpi:reducescatter:on) in this one "
                              "job, each from the same seed, into OUT/BACKEND-REDUCE-NODE")
     parser.add_argument("--update-freq", type=int, default=5)
+    parser.add_argument("--double-damping", type=float, default=0.0)
     parser.add_argument("--nan-step", type=int, default=-1, help="poison rank 1's data here")
     parser.add_argument("--raise-on-rank", type=int, default=-1)
     parser.add_argument("--dtype", default="float64")
@@ -55,7 +56,7 @@ def train(args: argparse.Namespace, comm: Any, backend: str, grad_reduce: str, n
     y_all = (x_all[:, :4] * 3).argmax(1)
     optimizer = MLBFGS(model.parameters(), blocks=build_blocks(model), lr=0.05,
                        update_freq=args.update_freq, comm=comm, grad_backend=backend,
-                       grad_reduce=grad_reduce,
+                       grad_reduce=grad_reduce, double_damping=args.double_damping,
                        node_aware={"auto": None, "on": True, "off": False}[node])
     timings: list[float] = []
     for step in range(args.steps):
