@@ -99,6 +99,8 @@ class MLBFGS(torch.optim.Optimizer):
             crosses the network, for the reduce-scatter and the update ``Allgatherv``.
             ``None``: automatically, when more than one host runs and some host runs more
             than one rank. The update is bit for bit the flat path's.
+        grad_overlap: Horovod reduce-scatter: send each owner's gradient slice from the
+            backward hook that completes it (default) or after the backward pass.
         param_names: names of the parameters for the Horovod collectives and checkpoints
             (taken from ``blocks`` when they carry names).
 
@@ -132,6 +134,7 @@ class MLBFGS(torch.optim.Optimizer):
         grad_backend: GradBackend | None = "horovod",
         grad_reduce: GradReduce = "allreduce",
         node_aware: bool | None = None,
+        grad_overlap: bool = True,
     ) -> None:
         validate_group_hyperparameters(lr=lr, weight_decay=weight_decay)
         self.config = MLBFGSConfig(
@@ -168,7 +171,7 @@ class MLBFGS(torch.optim.Optimizer):
         self._reducer = (None if grad_backend is None else GradientReducer(
             comm=self.comm, named_params=list(zip(self.param_names, self._layout_params)),
             backend=grad_backend, mode=grad_reduce, ownership=self.ownership,
-            node_aware=node_aware))
+            node_aware=node_aware, overlap=grad_overlap))
         self.grad_backend = grad_backend
         self.grad_reduce = grad_reduce
         self.node_aware = self.comm.resolve_node_aware(node_aware)

@@ -29,6 +29,8 @@ RUNS = {  # name: (ranks, extra args); 0 ranks = plain python, no launcher
     "p2_horovod": (2, ["--backend", "horovod"]),
     "p2_mpi": (2, ["--backend", "mpi"]),
     "p3_horovod": (3, ["--backend", "horovod"]),
+    # Horovod's padded reducescatter after the backward pass (grad_overlap=False).
+    "p2_horovod_after": (2, ["--backend", "horovod", "--after"]),
     "p4_mpi": (4, ["--backend", "mpi"]),
     "single_nan": (0, ["--nan-step", "7"]),
     "p3_nan": (3, ["--nan-step", "7", "--backend", "mpi"]),
@@ -38,12 +40,14 @@ RUNS = {  # name: (ranks, extra args); 0 ranks = plain python, no launcher
     # The default gradient path is the reduce-scatter (node-aware off on one host); the others
     # in one job: the allreduce, and the node-aware collectives forced on (one host: the
     # intra-host steps alone, with an inter-host step among one leader).
+    # ":after": Horovod's reduce-scatter after the backward pass (the default sends each
+    # owner's slice from the hooks).
     "p4_paths": (4, ["--variants", "horovod:allreduce:off", "mpi:allreduce:off",
                      "horovod:reducescatter:on", "mpi:reducescatter:on",
-                     "horovod:allreduce:on"]),
+                     "horovod:allreduce:on", "horovod:reducescatter:off:after"]),
 }
 P4_PATHS = ["horovod-allreduce-off", "mpi-allreduce-off", "horovod-reducescatter-on",
-            "mpi-reducescatter-on", "horovod-allreduce-on"]
+            "mpi-reducescatter-on", "horovod-allreduce-on", "horovod-reducescatter-off-after"]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +67,8 @@ def _records(run: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(run.glob("rank*.json"))]
 
 
-@pytest.mark.parametrize("name", ["p2_horovod", "p2_mpi", "p3_horovod", "p4_mpi"])
+@pytest.mark.parametrize("name", ["p2_horovod", "p2_mpi", "p3_horovod", "p4_mpi",
+                                  "p2_horovod_after"])
 def test_p_ranks_equal_single_process(runs: dict[str, Path], name: str) -> None:
     assert_same_params(_params(runs["single"]), _params(runs[name]), atol=ATOL)
     single = _records(runs["single"])[0]["counters"]
@@ -77,7 +82,7 @@ def test_every_gradient_path_equals_single_process(runs: dict[str, Path], path: 
     assert_same_params(_params(runs["single"]), _params(run), atol=ATOL)
     single = _records(runs["single"])[0]["counters"]
     for record in _records(run):
-        assert record["node_aware"] == path.endswith("-on")
+        assert record["node_aware"] == ("-on" in path)
         assert record["grad_reduce"] == path.split("-")[1]
         assert record["counters"] == single | {"last_nu": record["counters"]["last_nu"],
                                                "last_gamma": record["counters"]["last_gamma"]}
@@ -93,6 +98,31 @@ def test_double_damping_on_p_ranks_equals_single_process(runs: dict[str, Path]) 
     single = _records(runs["single_dd"])[0]["counters"]
     for record in _records(runs["p3_dd"]):
         assert record["counters"]["accepted_pairs"] == single["accepted_pairs"] > 0
+
+
+def test_horovod_reduce_scatter_starts_in_the_hooks_unless_told_not_to(
+        runs: dict[str, Path]) -> None:
+    """The default Horovod reduce-scatter is the per-owner alltoall launched from the
+    backward hooks; ``grad_overlap=False`` gives the padded reducescatter after the pass.
+    Both equal one process (the tests above); here: each run took the path it names."""
+    records = _records(runs["p3_horovod"])
+    owners = sum(1 for record in records if record["owned_blocks"])
+    for record in records:
+        assert record["overlap"] is True
+        assert record["gradient_path"] == ("reducescatter (horovod alltoall to each owner, "
+                                           "from the backward hooks)")
+        # Every owner's slice left from a hook, none waited for synchronize().
+        assert record["runs_sent_during_backward"] == owners == 3
+    for record in _records(runs["p2_horovod_after"]):
+        assert record["overlap"] is False
+        assert record["gradient_path"].startswith("reducescatter (horovod, padded to 2 x ")
+        assert record["runs_sent_during_backward"] is None
+    for record in _records(runs["p4_paths"] / "horovod-reducescatter-off-after"):
+        assert record["overlap"] is False
+        # The padded reducescatter, or (this MLP's slices are uneven enough) the Horovod
+        # allreduce that replaces it when the padding would exceed twice the model.
+        assert "padded to 4 x " in record["gradient_path"], record["gradient_path"]
+        assert record["runs_sent_during_backward"] is None
 
 
 def test_horovod_and_mpi_backends_agree(runs: dict[str, Path]) -> None:

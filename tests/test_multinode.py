@@ -187,7 +187,9 @@ def test_horovod_and_allgatherv_over_tcp_equal_one_process(cluster: Any, tmp_pat
 #: backend:grad-reduce:node-aware of dist_worker.py (node-aware "on" = the node-aware
 #: reduce-scatter and Allgatherv; with allreduce only the Allgatherv is node-aware).
 PATHS = [f"{b}:{r}:{n}" for b in ("horovod", "mpi") for r in ("allreduce", "reducescatter")
-         for n in ("off", "on")]
+         for n in ("off", "on")] + [
+    # Horovod's reduce-scatter after the backward pass instead of from the hooks.
+    "horovod:reducescatter:off:after", "horovod:reducescatter:on:after"]
 #: With --map-by node (ranks 0, 2 on host 0; 1, 3 on host 1) the node-aware paths pack.
 ROUND_ROBIN_PATHS = ["horovod:reducescatter:on", "mpi:reducescatter:on", "mpi:allreduce:on"]
 
@@ -213,8 +215,8 @@ def path_runs(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[st
 def test_every_path_across_hosts_equals_one_process(path_runs: dict[str, Path],
                                                     placement: str, path: str,
                                                     record_property: Any) -> None:
-    backend, reduce, node = path.split(":")
-    run = path_runs[placement] / f"{backend}-{reduce}-{node}"
+    backend, reduce, node, *after = path.split(":")
+    run = path_runs[placement] / path.replace(":", "-")
     records = [json.loads((run / f"rank{r}.json").read_text()) for r in range(4)]
     hosts = [r["host"] for r in records]
     assert len(set(hosts)) == 2, hosts
@@ -222,6 +224,9 @@ def test_every_path_across_hosts_equals_one_process(path_runs: dict[str, Path],
     for r in records:  # the path asked for is the path taken
         assert (r["backend"], r["grad_reduce"], r["node_aware"]) == (backend, reduce,
                                                                      node == "on")
+        # Horovod's reduce-scatter starts from the backward hooks unless told not to.
+        hooked = "from the backward hooks" in r["gradient_path"]
+        assert hooked == (backend == "horovod" and reduce == "reducescatter" and not after), r
     worst = assert_same_params(torch.load(path_runs["single"] / "params.pt"),
                                torch.load(run / "params.pt"), atol=ATOL_FLOAT64)
     single = json.loads((path_runs["single"] / "rank0.json").read_text())["counters"]

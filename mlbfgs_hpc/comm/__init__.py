@@ -9,12 +9,14 @@
 * :class:`GradientReducer` (:mod:`.reducer`): averages the gradients, either to every rank
   (``allreduce``) or only to the rank that owns each block (``reducescatter``: half the
   bytes), with Horovod (launched from post-accumulate-grad hooks, overlapping the backward
-  pass) or with ``mpi4py``.
+  pass) or with ``mpi4py``. Its paths: :mod:`.paths` (after the backward pass, and
+  Horovod's allreduce) and :mod:`.overlapped` (Horovod's reduce-scatter, one owner at a
+  time from the hooks).
 * :mod:`.topology`: pure functions for the node-aware path (host-major offsets).
 
 One mL-BFGS step, flat (one rank per host, or ``--node-aware off``)::
 
-    rank 0 ──┐  backward: hooks ─► hvd.allreduce_async_ / packed reducescatter   (Horovod)
+    rank 0 ──┐  backward: hooks ─► hvd.allreduce_async_ / alltoall to each owner (Horovod)
     rank 1 ──┤  step:     synchronize ─► own blocks ─► allgather(scalars) ─► Allgatherv(update)
     rank 2 ──┘                                          [mpi4py, COMM_WORLD]
 
@@ -37,6 +39,12 @@ ranks 0-1 own host A's run of the flat vector, ranks 2-3 host B's::
     ═══ crosses the network: each host sends once the other hosts' share of its host sum,
         and once its own share of the update: model-size bytes per host per step, whatever
         the number of ranks per host (flat: about 2x, growing with ranks per host).
+
+    With Horovod the gradient's two first steps start during the backward pass: the host
+    sum is a Horovod allreduce on the host's process set, launched per parameter from the
+    hooks, and the leaders' step is one ``alltoall`` per owner among the leaders, sending
+    the owner's slice to its host's leader as soon as the slice is summed over the host
+    (:mod:`.overlapped`).
 
 With one process and no launcher, :func:`init_communicator` returns a
 :class:`LocalCommunicator` and no MPI library is even imported (the embedded default).

@@ -124,6 +124,7 @@ class MPICommunicator(LocalCommunicator):
         self.hostname = MPI.Get_processor_name()
         self._hvd: Any = None
         self._hvd_host_set: Any = None
+        self._hvd_leaders_set: Any = None
         self._plans: dict[tuple[tuple[int, ...], tuple[int, ...]], NodePlan] = {}
         self._packed: np.ndarray | None = None
         if abort_on_exception:
@@ -145,8 +146,11 @@ class MPICommunicator(LocalCommunicator):
                     "choose --grad-backend mpi)") from exc
             layout = self.layout
             sets = None
-            if layout.hosts > 1 and layout.max_ranks_per_host > 1:
+            if layout.node_aware_pays:
+                # One set per host, then the hosts' leaders (local rank 0 of every host).
                 sets = [hvd.ProcessSet(list(layout.ranks_of(h))) for h in range(layout.hosts)]
+                sets.append(hvd.ProcessSet([layout.ranks_of(h)[0]
+                                            for h in range(layout.hosts)]))
             hvd.init(comm=self._comm.Dup(), process_sets=sets)
             if hvd.size() != self.size or hvd.rank() != self.rank:
                 raise RuntimeError(f"Horovod sees rank {hvd.rank()}/{hvd.size()}, "
@@ -154,12 +158,19 @@ class MPICommunicator(LocalCommunicator):
             self._hvd = hvd
             self._hvd_host_set = (sets[self.host_index] if sets is not None
                                   else hvd.global_process_set if layout.hosts == 1 else None)
+            self._hvd_leaders_set = sets[-1] if sets is not None else None
         return self._hvd
 
     def horovod_host_set(self) -> Any:
         """The Horovod process set of this rank's host (``None`` with one rank per host)."""
         self.horovod()
         return self._hvd_host_set
+
+    def horovod_leaders_set(self) -> Any:
+        """The Horovod process set of the hosts' leaders, rank h of it leading host h
+        (``None`` unless :attr:`layout` ``.node_aware_pays``: one host, or one rank per host)."""
+        self.horovod()
+        return self._hvd_leaders_set
 
     # ---- flat collectives (all ranks) ---------------------------------------------------
     def allgather_scalars(self, values: Sequence[float]) -> np.ndarray:
@@ -251,13 +262,35 @@ class MPICommunicator(LocalCommunicator):
                 else:
                     self._host.Reduce([sbuf, mpi_type], None, op=MPI.SUM, root=0)
             if not self.is_host_leader:
-                self._host.Scatterv(None, [rbuf, mpi_type], root=0)
+                self._scatter_host_run(None, rbuf, plan)
                 return
             share = self._scratch(plan.host_counts[h], sbuf.dtype)
             self._leaders.Reduce_scatter([sbuf, mpi_type], [share, mpi_type],
                                          recvcounts=list(plan.host_counts), op=MPI.SUM)
-            self._host.Scatterv([share, plan.local_counts(h), plan.local_displs(h), mpi_type],
-                                [rbuf, mpi_type], root=0)
+            self._scatter_host_run(share, rbuf, plan)
+
+    def host_scatterv_(self, share: torch.Tensor | None, out: torch.Tensor,
+                       plan: NodePlan) -> None:
+        """``out`` ← this rank's slice of its host's run, sent by the host leader, which
+        holds the run in ``share`` (host-major, ``plan.host_counts[host]`` elements;
+        ``None`` on the other ranks, and on a leader whose host owns nothing)."""
+        with _on_host(out) as rbuf:
+            if share is None:
+                self._scatter_host_run(
+                    np.empty(0, dtype=rbuf.dtype) if self.is_host_leader else None, rbuf, plan)
+                return
+            with _on_host(share) as sbuf:
+                self._scatter_host_run(sbuf, rbuf, plan)
+
+    def _scatter_host_run(self, share: np.ndarray | None, rbuf: np.ndarray,
+                          plan: NodePlan) -> None:
+        mpi_type = self._type(rbuf)
+        if share is None:  # not the leader: receive only
+            self._host.Scatterv(None, [rbuf, mpi_type], root=0)
+            return
+        h = self.host_index
+        self._host.Scatterv([share, plan.local_counts(h), plan.local_displs(h), mpi_type],
+                            [rbuf, mpi_type], root=0)
 
     def _allgatherv_node(self, buffer: np.ndarray, counts: Sequence[int],
                          displs: Sequence[int]) -> None:

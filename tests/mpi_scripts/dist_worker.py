@@ -26,9 +26,14 @@ def main() -> None:
     parser.add_argument("--backend", default="horovod")
     parser.add_argument("--grad-reduce", default="reducescatter")
     parser.add_argument("--node-aware", choices=("auto", "on", "off"), default="auto")
-    parser.add_argument("--variants", nargs="*", default=None, metavar="BACKEND:REDUCE:NODE",
+    parser.add_argument("--variants", nargs="*", default=None,
+                        metavar="BACKEND:REDUCE:NODE[:after]",
                         help="train once per variant (e.g. mpi:reducescatter:on) in this one "
-                             "job, each from the same seed, into OUT/BACKEND-REDUCE-NODE")
+                             "job, each from the same seed, into OUT/BACKEND-REDUCE-NODE[-after]"
+                             " (':after': Horovod's reduce-scatter after the backward pass, "
+                             "not overlapped)")
+    parser.add_argument("--after", action="store_true",
+                        help="Horovod's reduce-scatter after the backward pass (not overlapped)")
     parser.add_argument("--update-freq", type=int, default=5)
     parser.add_argument("--double-damping", type=float, default=0.0)
     parser.add_argument("--nan-step", type=int, default=-1, help="poison rank 1's data here")
@@ -37,15 +42,17 @@ def main() -> None:
     args = parser.parse_args()
     comm = init_communicator()
     if args.variants is None:
-        train(args, comm, args.backend, args.grad_reduce, args.node_aware, Path(args.out))
+        train(args, comm, args.backend, args.grad_reduce, args.node_aware, Path(args.out),
+              overlap=not args.after)
         return
     for variant in args.variants:
-        backend, reduce, node = variant.split(":")
-        train(args, comm, backend, reduce, node, Path(args.out) / f"{backend}-{reduce}-{node}")
+        backend, reduce, node, *after = variant.split(":")
+        train(args, comm, backend, reduce, node, Path(args.out) / variant.replace(":", "-"),
+              overlap=not after)
 
 
 def train(args: argparse.Namespace, comm: Any, backend: str, grad_reduce: str, node: str,
-          out: Path) -> None:
+          out: Path, *, overlap: bool = True) -> None:
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(),
@@ -57,7 +64,8 @@ def train(args: argparse.Namespace, comm: Any, backend: str, grad_reduce: str, n
     optimizer = MLBFGS(model.parameters(), blocks=build_blocks(model), lr=0.05,
                        update_freq=args.update_freq, comm=comm, grad_backend=backend,
                        grad_reduce=grad_reduce, double_damping=args.double_damping,
-                       node_aware={"auto": None, "on": True, "off": False}[node])
+                       node_aware={"auto": None, "on": True, "off": False}[node],
+                       grad_overlap=overlap)
     timings: list[float] = []
     for step in range(args.steps):
         if step == 3 and comm.rank == args.raise_on_rank:
@@ -82,8 +90,10 @@ def train(args: argparse.Namespace, comm: Any, backend: str, grad_reduce: str, n
     record = {
         "rank": comm.rank, "size": comm.size, "host": comm.hostname,
         "backend": optimizer.grad_backend, "grad_reduce": optimizer.grad_reduce,
-        "node_aware": optimizer.node_aware,
+        "node_aware": optimizer.node_aware, "overlap": overlap,
         "gradient_path": optimizer._reducer.path if optimizer._reducer is not None else None,
+        "runs_sent_during_backward": (optimizer._reducer.runs_sent_during_backward
+                                      if optimizer._reducer is not None else None),
         "owned_blocks": list(optimizer.owned_blocks),
         "state_numel": {str(b): {k: v.numel() for k, v in optimizer.block_state(b).items()}
                         for b in optimizer.owned_blocks},

@@ -21,9 +21,15 @@ The paths (``--grad-backend``, ``--grad-reduce``, ``--node-aware`` of ``mlbfgs-t
 ``hvd-ar-flat``     Horovod allreduce + flat ``Allgatherv``: the path before issue 11
 ``hvd-ar-nodeag``   Horovod allreduce + node-aware ``Allgatherv`` (the update alone): the
                     defaults (it measured faster than ``hvd-rs-node``, BENCHMARKS.md)
-``hvd-rs-flat``     Horovod padded ``reducescatter`` + flat ``Allgatherv``
-``hvd-rs-node``     Horovod intra-host allreduce, leaders' ``Reduce_scatter``, node-aware
-                    ``Allgatherv``: the "new" path, ``--grad-reduce reducescatter``
+``hvd-rs-flat``     Horovod ``alltoall`` to each owner from the backward hooks + flat
+                    ``Allgatherv``
+``hvd-rs-node``     Horovod intra-host allreduce, leaders' ``alltoall`` per owner from
+                    the backward hooks, node-aware ``Allgatherv``: the "new" path,
+                    ``--grad-reduce reducescatter``
+``hvd-rs-flat-after``  Horovod padded ``reducescatter`` after the backward pass + flat
+                    ``Allgatherv`` (``grad_overlap=False``)
+``hvd-rs-node-after``  Horovod intra-host allreduce, leaders' ``Reduce_scatter`` after the
+                    backward pass, node-aware ``Allgatherv`` (``grad_overlap=False``)
 ``mpi-ar-flat``     mpi4py ``Allreduce`` + flat ``Allgatherv``
 ``mpi-rs-flat``     mpi4py ``Reduce_scatter`` (ownership counts) + flat ``Allgatherv``
 ``mpi-rs-node``     mpi4py node-aware reduce-scatter + node-aware ``Allgatherv``
@@ -53,15 +59,18 @@ from . import common
 
 logger = logging.getLogger(__name__)
 
-#: name: (grad backend, grad reduce, node-aware flag value)
-PATHS: dict[str, tuple[str, str, str]] = {
-    "hvd-ar-flat": ("horovod", "allreduce", "off"),
-    "hvd-ar-nodeag": ("horovod", "allreduce", "on"),
-    "hvd-rs-flat": ("horovod", "reducescatter", "off"),
-    "hvd-rs-node": ("horovod", "reducescatter", "auto"),
-    "mpi-ar-flat": ("mpi", "allreduce", "off"),
-    "mpi-rs-flat": ("mpi", "reducescatter", "off"),
-    "mpi-rs-node": ("mpi", "reducescatter", "auto"),
+#: name: (grad backend, grad reduce, node-aware flag value, Horovod reduce-scatter from the
+#: backward hooks)
+PATHS: dict[str, tuple[str, str, str, bool]] = {
+    "hvd-ar-flat": ("horovod", "allreduce", "off", True),
+    "hvd-ar-nodeag": ("horovod", "allreduce", "on", True),
+    "hvd-rs-flat": ("horovod", "reducescatter", "off", True),
+    "hvd-rs-node": ("horovod", "reducescatter", "auto", True),
+    "hvd-rs-flat-after": ("horovod", "reducescatter", "off", False),
+    "hvd-rs-node-after": ("horovod", "reducescatter", "auto", False),
+    "mpi-ar-flat": ("mpi", "allreduce", "off", True),
+    "mpi-rs-flat": ("mpi", "reducescatter", "off", True),
+    "mpi-rs-node": ("mpi", "reducescatter", "auto", True),
 }
 OLD, NEW = "hvd-ar-flat", "hvd-rs-node"
 #: Models of the worker: name -> (build_model name, options). ``mlp-wide``: 10.8 M
@@ -97,10 +106,11 @@ def worker(model_name: str, *, paths: Sequence[str], rounds: int, segment: int, 
     records = []
     for rnd in range(rounds):
         for name in (paths if rnd % 2 == 0 else list(reversed(paths))):
-            backend, reduce, node = PATHS[name]
+            backend, reduce, node, overlap = PATHS[name]
             optimizer = MLBFGS(model.parameters(), blocks=build_blocks(model), lr=0.01,
                                comm=comm, grad_backend=backend, grad_reduce=reduce,
-                               node_aware={"auto": None, "on": True, "off": False}[node])
+                               node_aware={"auto": None, "on": True, "off": False}[node],
+                               grad_overlap=overlap)
             times: list[float] = []
             for step in range(warmup + segment):
                 if step == warmup:
@@ -113,6 +123,8 @@ def worker(model_name: str, *, paths: Sequence[str], rounds: int, segment: int, 
                 times.append(time.perf_counter() - start)
             comm.barrier()
             sent = (common.eth0_tx_bytes() - tx0) if comm.local_rank == 0 else None
+            early = (optimizer._reducer.runs_sent_during_backward
+                     if optimizer._reducer is not None else None)
             per_host = [s / segment for s in comm.allgather_object(sent) if s is not None]
             if optimizer._reducer is not None:
                 optimizer._reducer.remove_hooks()
@@ -122,10 +134,12 @@ def worker(model_name: str, *, paths: Sequence[str], rounds: int, segment: int, 
                 "node_aware": optimizer.node_aware, "step_s": statistics.median(timed),
                 "gradient_path": (optimizer._reducer.path if optimizer._reducer is not None
                                   else None),
-                "step_times": timed, "bytes_per_step_per_host": per_host})
+                "step_times": timed, "bytes_per_step_per_host": per_host,
+                "runs_sent_during_backward": early})
             if comm.rank == 0:
-                logger.info("%s round %d %s: %.3f s/step, %s B/step/host", model_name, rnd,
-                            name, records[-1]["step_s"], [round(b) for b in per_host])
+                logger.info("%s round %d %s: %.3f s/step, %s B/step/host, runs sent during "
+                            "the backward pass (rank 0, last step): %s", model_name, rnd,
+                            name, records[-1]["step_s"], [round(b) for b in per_host], early)
     if comm.rank == 0:
         out.write_text("".join(json.dumps(r) + "\n" for r in records))
 
