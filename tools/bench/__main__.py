@@ -15,7 +15,7 @@ from pathlib import Path
 #: Stand-alone benchmarks: command -> module (each has ``main(argv) -> int``).
 COMMANDS: dict[str, str] = {"gpu": "gpu", "multinode": "multinode", "checkpoint": "checkpoint",
                             "batched": "batched",
-                            "netpaths": "netpaths", "alphabeta": "alphabeta"}
+                            "netpaths": "netpaths", "alphabeta": "alphabeta", "rsblock": "rsblock"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
