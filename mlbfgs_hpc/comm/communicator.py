@@ -272,12 +272,11 @@ class MPICommunicator(LocalCommunicator):
     def host_scatterv_(self, share: torch.Tensor | None, out: torch.Tensor,
                        plan: NodePlan) -> None:
         """``out`` ← this rank's slice of its host's run, sent by the host leader, which
-        holds the run in ``share`` (host-major, ``plan.host_counts[host]`` elements;
-        ``None`` on the other ranks, and on a leader whose host owns nothing)."""
+        holds the run in ``share`` (host-major, ``plan.host_counts[host]`` elements, empty
+        when the host owns nothing; ``None`` on the other ranks)."""
         with _on_host(out) as rbuf:
             if share is None:
-                self._scatter_host_run(
-                    np.empty(0, dtype=rbuf.dtype) if self.is_host_leader else None, rbuf, plan)
+                self._scatter_host_run(None, rbuf, plan)
                 return
             with _on_host(share) as sbuf:
                 self._scatter_host_run(sbuf, rbuf, plan)

@@ -121,8 +121,7 @@ class _HorovodOwnerReduce(_Path):
         self.owner_of_param = self.runs.packed.owners
         self.ready: set[int] = set()
         self.missing = [len(m) for m in self.runs.members]
-        self.finishing = False
-        self.sent_in_hooks = self.last_sent_in_hooks = 0
+        self.last_sent_in_hooks = 0
 
     def describe(self) -> str:
         return "reducescatter (horovod alltoall to each owner, from the backward hooks)"
@@ -135,10 +134,9 @@ class _HorovodOwnerReduce(_Path):
         self.missing[owner] -= 1
         if self.missing[owner] == 0:
             self.runs.send(owner)
-            self.sent_in_hooks += not self.finishing
 
     def finish(self) -> torch.Tensor:
-        self.finishing = True
+        self.last_sent_in_hooks = len(self.runs.handles)  # what the hooks launched
         for index, param in enumerate(self.params):
             if index not in self.ready:  # no gradient reached it in this backward pass
                 _grad_or_zeros(param)
@@ -146,8 +144,6 @@ class _HorovodOwnerReduce(_Path):
         self.runs.collect({self.rank: self.out} if self.out.numel() else {})
         self.ready.clear()
         self.missing = [len(m) for m in self.runs.members]
-        self.finishing = False
-        self.last_sent_in_hooks, self.sent_in_hooks = self.sent_in_hooks, 0
         return self.out
 
 
@@ -165,7 +161,7 @@ class _HorovodNodeOwnerReduce(_Path):
         self.leader: bool = comm.is_host_leader  # type: ignore[attr-defined]
         self.out = params[0].new_zeros(ownership.counts[comm.rank])
         self.runs: _RunsToOwners | None = None
-        self.sent_in_hooks = self.last_sent_in_hooks = 0
+        self.last_sent_in_hooks = 0
         if self.leader:
             host = comm.host_index  # type: ignore[attr-defined]
             self.runs = _RunsToOwners(
@@ -202,7 +198,6 @@ class _HorovodNodeOwnerReduce(_Path):
             if not pending:
                 del self.unsummed[owner]
                 self.runs.send(owner)
-                self.sent_in_hooks += 1
 
     def _host_summed(self, index: int) -> bool:
         handle = self.intra.handles.get(index)
@@ -212,11 +207,11 @@ class _HorovodNodeOwnerReduce(_Path):
         self.intra.finish()  # every host sum is in .grad now
         share = None
         if self.runs is not None:
+            self.last_sent_in_hooks = len(self.runs.handles)  # what the hooks launched
             for owner in self.runs.unsent():
                 self.runs.send(owner)
             self.runs.collect(self.slices)
             share = self.share
         self._reset()
-        self.last_sent_in_hooks, self.sent_in_hooks = self.sent_in_hooks, 0
         self.comm.host_scatterv_(share, self.out, self.plan)  # type: ignore[attr-defined]
         return self.out

@@ -24,6 +24,9 @@ class _Path:
     ``None`` (allreduce: the average is in ``.grad``)."""
 
     uses_hooks = False
+    #: Paths that send per owner: how many owners' slices the last ``finish`` found already
+    #: launched from the backward hooks; ``None`` on the other paths.
+    last_sent_in_hooks: int | None = None
 
     def describe(self) -> str:
         return type(self).__name__

@@ -195,7 +195,7 @@ class GradientReducer:
         ``synchronize`` had seen sent from the backward hooks, i.e. overlapping the backward
         pass; ``None`` on the paths that do not send per owner. A diagnostic for benchmarks:
         with a short backward pass (a small model) everything may be sent at the end."""
-        return getattr(self._path, "last_sent_in_hooks", None)
+        return None if self._path is None else self._path.last_sent_in_hooks
 
     def _make_hook(self, index: int) -> Callable[[torch.Tensor], None]:
         def hook(param: torch.Tensor) -> None:
