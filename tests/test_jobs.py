@@ -18,7 +18,8 @@ Why ``--time=2 --signal=USR1@35``: slurmctld checks warning times on a 30 s tick
 signal at the first tick with at most N + 30 = 65 s left, i.e. 55-85 s after the start; the
 training (~95 s) is still running then, whatever the tick's phase. The requeued run starts
 ~10 s after that tick (ranks exit, requeue delay), so its own warning comes three ticks after
-the first, ~80 s into it: time for the rest (at most ~55 s). Measured with
+the first, ~80 s into it: time for the rest (at most ~55 s here; 75 s on a slower CI machine, whose
+warning then came 2 s after the last step, while the ranks shut down: tolerated). Measured with
 ``--signal=USR1@65`` (25-55 s): the second run is warned ~50 s in, and with ``--time=1
 --signal=USR1@20`` (10-40 s) ~20 s in, too early to finish; both needed two or more requeues.
 """
@@ -194,6 +195,8 @@ _EVENTS: tuple[tuple[str, str], ...] = (
     ("done, steps", r"(\d\d:\d\d:\d\d) \[rank 0\] INFO done: (\d+) steps"),
 )
 
+_SIGNAL_EVENTS = frozenset({"batch shell got SIGUSR1", "rank got signal"})
+
 
 def timeline(out: str) -> list[tuple[float, str, str]]:
     """``(seconds since the first start, event, detail)`` for the cycle's lines, in order."""
@@ -234,7 +237,13 @@ def _assert_cycle(events: list[tuple[float, str, str]], *, requeue_event: str) -
     # The continuation resumes at exactly that step and, in the end, finishes.
     resumed = names.index("resumed at step")
     assert resumed > first + 2 and events[resumed][2] == str(step), events
-    assert events[-2][1:] == ("done, steps", str(CYCLE_STEPS)), events
+    # The continuation's own warning may land after its last step, while the ranks shut down
+    # (seen in CI: done at 75 s, warned at 77 s): harmless when it finished and exited 0, so
+    # signal lines after "done" are ignored; a warning before it would show as a second cycle.
+    done = names.index("done, steps")
+    assert events[done][2] == str(CYCLE_STEPS), events
+    after_done = [name for name in names[done + 1:] if name not in _SIGNAL_EVENTS]
+    assert after_done == ["training exited with"], events
     assert events[-1][1:] == ("training exited with", "0"), events
     times = [t for t, _, _ in events]
     # In order, up to the 1 s resolution of most time stamps (signal stamps have 1 ms).
