@@ -278,9 +278,17 @@ def test_time_limit_signal_checkpoint_requeue_resume(
     assert 53 <= first_signal <= 90, events
     if launcher == "mpirun":
         assert "batch shell got SIGUSR1" in [n for _, n, _ in events], events
-    # Checkpoints: the signal's and the final one; metrics continue without a repeated step.
+    # Checkpoints: each stop's and the final one; every continuation resumed at exactly the
+    # step its stop checkpointed. A loaded machine can need more than one requeue, and the
+    # run dir keeps only the newest checkpoints (seen: 68 rotated out of 122, 249, 300), so
+    # the last stop's checkpoint is the one that must still be there.
     run_dir = work / name
-    assert step in checkpoint_steps(run_dir) and checkpoint_steps(run_dir)[-1] == CYCLE_STEPS
+    stops = [int(d) for _, n, d in events if n == "checkpoint written, step"]
+    assert [int(d) for _, n, d in events if n == "resumed at step"] == stops, events
+    assert stops == sorted(set(stops)) and stops[0] == step, events
+    assert stops[-1] in checkpoint_steps(run_dir), (stops, checkpoint_steps(run_dir))
+    assert checkpoint_steps(run_dir)[-1] == CYCLE_STEPS
+    # Metrics continue without a repeated step.
     steps = [r["step"] for r in read_metrics(run_dir) if r["event"] == "train"]
     assert steps == sorted(set(steps)), steps
     # The run held its directory's lock (one writer per run dir) and the requeued instance
