@@ -285,7 +285,7 @@ def test_time_limit_signal_checkpoint_requeue_resume(
     run_dir = work / name
     stops = [int(d) for _, n, d in events if n == "checkpoint written, step"]
     assert [int(d) for _, n, d in events if n == "resumed at step"] == stops, events
-    assert stops == sorted(set(stops)) and stops[0] == step, events
+    assert stops == sorted(set(stops)), events
     assert stops[-1] in checkpoint_steps(run_dir), (stops, checkpoint_steps(run_dir))
     assert checkpoint_steps(run_dir)[-1] == CYCLE_STEPS
     # Metrics continue without a repeated step.
