@@ -68,11 +68,15 @@ class BlockStats:
             g_sq_sum += g_sq
             d_sq_sum += d_sq
             scales[k] = math.sqrt(g_sq / d_sq) if d_sq > 0.0 else math.nan
-            if g_sq > 0.0 and d_sq > 0.0:
-                cos = gd / math.sqrt(g_sq * d_sq)
+            # Only finite, positive norms whose ratio is representable are measured: in a run
+            # that is diverging, gᵀg or dᵀd can overflow float32 (inf) while every entry is
+            # still finite, and log(dᵀd / inf) would raise instead of reporting.
+            ratio = d_sq / g_sq if g_sq > 0.0 and d_sq > 0.0 else 0.0
+            if 0.0 < ratio < math.inf and math.isfinite(gd):
+                cos = gd / (math.sqrt(g_sq) * math.sqrt(d_sq))
                 cos_sum += cos
                 cos_min = min(cos_min, cos)
-                log_ratio_sum += 0.5 * math.log(d_sq / g_sq)
+                log_ratio_sum += 0.5 * math.log(ratio)
                 measured += 1
         return cls(g_dot_d=g_dot_d, gamma_sum=gamma_sum, g_sq_sum=g_sq_sum,
                    d_sq_sum=d_sq_sum, cos_sum=cos_sum, cos_min=cos_min,

@@ -65,3 +65,17 @@ def test_kl_factor_and_rank_order_sum() -> None:
     assert kl_factor(0.02, kl_clip=0.005) == pytest.approx(0.5)
     # Rank order, not numpy's pairwise order: 1e16 + 1 − 1e16 is 0 in this order.
     assert sum_in_rank_order(np.array([[1e16], [1.0], [-1e16]])) == [0.0]
+
+
+def test_overflowed_norms_are_not_measured_and_do_not_raise() -> None:
+    """A diverging run: gᵀg (or dᵀd) summed in float32 overflows to inf while every entry is
+    still finite. Measured on a CNN at lr 0.2, batch 512: ``log(dᵀd / gᵀg)`` raised and took
+    the trainer down. The block is left out of the cosine and ratio diagnostics, and its graft
+    scale is not finite and positive, so the optimizer gives it its gradient."""
+    rows = {"g_dot_d": [1.0, 3.0, 2.0], "gamma": [0.5, 0.5, 0.5],
+            "g_sq": [math.inf, 4.0, 1.0], "d_sq": [4.0, math.inf, 4.0]}
+    stats = BlockStats.from_rows(rows, curved=[0, 1, 2])
+    assert stats.measured == 1                          # only block 2
+    assert stats.cos_min == pytest.approx(1.0)          # gᵀd = 2 = ‖g‖·‖d‖
+    assert stats.log_ratio_sum == pytest.approx(0.5 * math.log(4.0))
+    assert math.isinf(stats.graft_scales[0]) and stats.graft_scales[1] == 0.0
