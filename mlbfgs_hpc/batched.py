@@ -243,11 +243,14 @@ class BatchedCurvature:
 
     def graft_(self, scales: Mapping[int, float]) -> None:
         """Rescale block ``k``'s padded direction by ``scales[k]`` (one multiply for all);
-        a block whose scale is not finite and positive takes its gradient instead."""
+        a block whose scale is not finite and positive, or beyond the direction dtype's
+        range (H·g ~ 0 against a huge g: the float32 factor would be inf and the step NaN),
+        takes its gradient instead."""
         factors = [1.0] * len(self.blocks)
         bad = []
+        largest = torch.finfo(self._factor.dtype).max
         for k, scale in scales.items():
-            if math.isfinite(scale) and scale > 0.0:
+            if math.isfinite(scale) and 0.0 < scale <= largest:
                 factors[k] = scale
             else:
                 bad.append(k)

@@ -194,6 +194,18 @@ def test_graft_rescales_each_block_and_falls_back_to_the_gradient() -> None:
             assert torch.equal(after[k], before[k])
 
 
+def test_graft_scale_beyond_float32_takes_the_gradient() -> None:
+    """sqrt(gᵀg/dᵀd) computed in double can exceed float32's range; multiplied in as an inf
+    factor it would have made the step NaN. The block takes its gradient instead."""
+    batched, _, grad, direction = _build(SIZES, FILLS_32, F32, seed=4, chunk=64)
+    batched.precondition_()
+    one = FILLS_32.index("one")
+    batched.graft_({one: 1e41})
+    batched.write_direction_()
+    assert torch.equal(_blocks(direction, SIZES)[one], _blocks(grad, SIZES)[one])
+    assert torch.isfinite(direction).all()
+
+
 def test_no_curvature_gives_the_gradient() -> None:
     sizes = (5, 40)
     batched, _, grad, direction = _build(sizes, ("empty", "empty"), F32, seed=5, chunk=16)

@@ -318,6 +318,19 @@ def test_rejected_pairs_are_counted_and_never_stored(s: list[float], y: list[flo
     assert torch.equal(curv.apply_inverse_hessian_(g.clone()), d_before)
 
 
+def test_pair_whose_rho_float32_cannot_hold_is_rejected() -> None:
+    """A dead network's pair: s = y ~ 1e-20 passes sᵀŷ > ε·sᵀs (μ = 1), but ρ = 1/sᵀŷ ≈ 1e40
+    is beyond float32's range. Storing it raised ("value cannot be converted to type float
+    without overflow") and took a training run down (CNN, lr 0.2, seed 2, step 550)."""
+    curv = new_curvature(3, 2, dtype=torch.float32)
+    tiny = torch.tensor([1e-20, 0.0, 0.0], dtype=torch.float32)
+    assert not curv.offer_pair(tiny.clone(), tiny.clone(), config=MLBFGSConfig())
+    assert (int(curv.count), int(curv.rejected)) == (0, 1)
+    # The same pair scaled into range is accepted: only the overflow is refused.
+    assert curv.offer_pair(tiny * 1e15, tiny * 1e15, config=MLBFGSConfig())
+    assert math.isfinite(float(curv.rho[0])) and int(curv.count) == 1
+
+
 def test_rejection_into_empty_ring_keeps_it_empty() -> None:
     curv = new_curvature(3, 2)
     assert not curv.offer_pair(torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64),
