@@ -49,7 +49,9 @@ class MLBFGSConfig:
             networks"): before the design's damping of y, a block that already has curvature
             moves s towards H·y, s ← θ·s + (1−θ)·H·y with θ chosen so that sᵀy ≥ μ1·yᵀHy.
             It bounds how much one noisy pair can grow H (the update's growth factor is
-            ~ yᵀHy/sᵀy); 0: off.
+            ~ yᵀHy/sᵀy); 0: off. Default 0.2 (their value): at global batch 1,024 and
+            4,096 H·g blew up without it (BENCHMARKS.md §9.5, §9.7), at batch 128 and on
+            every task of the lr ½×/1×/2× protocol it changes nothing measurable (§9.3).
     """
 
     history_size: int = 10
@@ -65,7 +67,7 @@ class MLBFGSConfig:
     momentum: float = 0.9
     nesterov: bool = False
     pair_momentum: float = 0.0
-    double_damping: float = 0.0
+    double_damping: float = 0.2
 
     def __post_init__(self) -> None:
         _require(_integer(self.history_size) and self.history_size >= 1,

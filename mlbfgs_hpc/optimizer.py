@@ -85,7 +85,7 @@ class MLBFGS(torch.optim.Optimizer):
         pair_momentum: EMA over successive pairs ("double momentum"); 0: off. See
             :class:`~mlbfgs_hpc.config.MLBFGSConfig`.
         double_damping: μ1 of double damping's first stage (s moved towards H·y so that
-            sᵀy ≥ μ1·yᵀHy; Goldfarb et al. 2020); 0: off. See the config.
+            sᵀy ≥ μ1·yᵀHy; Goldfarb et al. 2020); 0: off. Default 0.2; see the config.
         comm: communicator from :func:`~mlbfgs_hpc.comm.init_communicator`; ``None`` for a
             single process.
         grad_backend: ``"horovod"`` or ``"mpi"``: how gradients are averaged across ranks
@@ -129,7 +129,7 @@ class MLBFGS(torch.optim.Optimizer):
         momentum: float = 0.9,
         nesterov: bool = False,
         pair_momentum: float = 0.0,
-        double_damping: float = 0.0,
+        double_damping: float = 0.2,
         comm: LocalCommunicator | None = None,
         grad_backend: GradBackend | None = "horovod",
         grad_reduce: GradReduce = "allreduce",

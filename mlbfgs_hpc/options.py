@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="EMA over successive curvature pairs (the authors' double momentum); 0: off")
     a("--double-damping", type=float, default=_DEFAULTS.double_damping,
       help="mu1 of double damping's first stage (s towards H*y so that s'y >= mu1*y'Hy; "
-           "Goldfarb et al. 2020): bounds H's growth from noisy pairs; 0: off")
+           "Goldfarb et al. 2020): bounds H's growth from noisy pairs; 0: off "
+           "(default %(default)s)")
     a("--block-size", type=int, default=None,
       help="parameters per curvature block (default: one layer per block)")
     a("--seed", type=int, default=0)

@@ -71,7 +71,7 @@ def test_config_defaults_match_design() -> None:
         "history_size": 10, "update_freq": 50, "beta_param": 0.9, "beta_grad": 0.9,
         "damping": 0.2, "sigma_low": 0.01, "sigma_high": 1.5, "curvature_eps": 1e-8,
         "clip": "graft", "kl_clip": 0.005, "momentum": 0.9, "nesterov": False,
-        "pair_momentum": 0.0, "double_damping": 0.0}
+        "pair_momentum": 0.0, "double_damping": 0.2}
 
 
 @pytest.mark.parametrize("name", ["lr", "weight_decay"])

@@ -28,6 +28,7 @@ from torch import nn
 from torch.optim import lr_scheduler
 
 from mlbfgs_hpc import MLBFGS, build_blocks
+from mlbfgs_hpc.config import MLBFGSConfig
 
 F64 = torch.float64
 
@@ -135,11 +136,13 @@ class DenseReference:
     def __init__(self, *, slices: list[slice], lr: np.ndarray, wd: np.ndarray, m: int, T: int,
                  beta_param: float, beta_grad: float, damping: float, sigma_low: float,
                  sigma_high: float, eps: float, clip: str, kappa: float, momentum: float,
-                 nesterov: bool) -> None:
+                 nesterov: bool, double_damping: float = 0.0) -> None:
         self.slices, self.lr, self.wd, self.m, self.T = slices, lr, wd, m, T
         self.bp, self.bg, self.tau0 = beta_param, beta_grad, 1.0 - damping
         self.sl, self.sh, self.eps = sigma_low, sigma_high, eps
         self.clip, self.kappa, self.mom, self.nesterov = clip, kappa, momentum, nesterov
+        self.mu1 = double_damping
+        self.moved_towards_h_y = 0   # pairs whose s double damping changed
         self.t = 0
         self.history: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in slices]
         self.accepted = self.rejected = self.fallbacks = 0
@@ -188,6 +191,15 @@ class DenseReference:
         return theta - self.lr * v
 
     def _offer(self, b: int, s: np.ndarray, y: np.ndarray) -> None:
+        if self.mu1 > 0 and self.history[b]:
+            # Double damping's first stage, with the block's dense H: s moves towards H·y
+            # until sᵀy = μ1·yᵀHy (Goldfarb, Ren and Bahamou 2020).
+            h_y = self._dense_h(b) @ y
+            sy, yhy = float(s @ y), float(y @ h_y)
+            if yhy > 0 and sy < self.mu1 * yhy:
+                theta = (1 - self.mu1) * yhy / (yhy - sy)
+                s = theta * s + (1 - theta) * h_y
+                self.moved_towards_h_y += 1
         ss, sy = float(s @ s), float(s @ y)
         mu = sy / ss if ss > 0 else math.nan
         if mu < self.sl:
@@ -234,7 +246,7 @@ def run_in_lockstep(problem: Quadratic, params: list[nn.Parameter], opt: MLBFGS,
 
 # ---- textbook L-BFGS ------------------------------------------------------------------------
 TEXTBOOK = {"beta_param": 0.0, "beta_grad": 0.0, "update_freq": 1, "damping": 0.0,
-            "clip": "none", "momentum": 0.0}
+            "clip": "none", "momentum": 0.0, "double_damping": 0.0}
 
 
 def test_warmup_step_is_the_gradient() -> None:
@@ -277,7 +289,8 @@ def test_follows_textbook_lbfgs(sizes: list[int], lr: float) -> None:
 # ---- full algorithm vs the dense reference --------------------------------------------------
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_follows_dense_reference_with_all_features(nesterov: bool) -> None:
-    """Defaults on (damping, κ guard, momentum), weight decay and two groups, noisy gradients."""
+    """Defaults on (damping, double damping, κ guard, momentum), weight decay and two groups,
+    noisy gradients."""
     sizes = [9, 5, 6]
     problem = Quadratic(sizes, low=0.002, high=3.0, seed=4, noise=0.3)
     params = problem.params()
@@ -286,13 +299,15 @@ def test_follows_dense_reference_with_all_features(nesterov: bool) -> None:
     kw: dict[str, Any] = {"history_size": 3, "update_freq": 3, "beta_param": 0.9,
                           "beta_grad": 0.9, "damping": 0.2, "sigma_low": 0.01,
                           "sigma_high": 1.5, "curvature_eps": 1e-8, "clip": "kl",
-                          "kl_clip": 0.005, "momentum": 0.9, "nesterov": nesterov}
+                          "kl_clip": 0.005, "momentum": 0.9, "nesterov": nesterov,
+                          "double_damping": 0.2}
     opt = MLBFGS(groups, lr=0.05, weight_decay=0.01, **kw)
     lr = np.concatenate([np.full(9 + 5, 0.05), np.full(6, 0.02)])
     wd = np.concatenate([np.full(9 + 5, 0.01), np.full(6, 0.05)])
     ref = DenseReference(slices=problem.slices(), lr=lr, wd=wd, m=3, T=3, beta_param=0.9,
                          beta_grad=0.9, damping=0.2, sigma_low=0.01, sigma_high=1.5, eps=1e-8,
-                         clip="kl", kappa=0.005, momentum=0.9, nesterov=nesterov)
+                         clip="kl", kappa=0.005, momentum=0.9, nesterov=nesterov,
+                         double_damping=0.2)
     clipped = 0
 
     def check(_: int) -> None:
@@ -306,7 +321,7 @@ def test_follows_dense_reference_with_all_features(nesterov: bool) -> None:
     run_in_lockstep(problem, params, opt, ref, steps=45, check=check)
     # The run exercised what it claims to: pairs in every block, wrapped rings, the guard.
     assert ref.accepted == 3 * (45 // 3 - 1) and all(len(h) == 3 for h in ref.history)
-    assert clipped > 0
+    assert clipped > 0 and ref.moved_towards_h_y > 0
 
 
 def test_follows_dense_reference_with_grafting() -> None:
@@ -316,12 +331,13 @@ def test_follows_dense_reference_with_grafting() -> None:
     problem = Quadratic(sizes, low=0.002, high=3.0, seed=5, noise=0.3)
     params = problem.params()
     kw: dict[str, Any] = {"history_size": 3, "update_freq": 3, "damping": 0.05,
-                          "clip": "graft", "momentum": 0.9}
+                          "clip": "graft", "momentum": 0.9}   # double damping: the default
     opt = MLBFGS(params, lr=0.05, weight_decay=0.01, **kw)
     ref = DenseReference(slices=problem.slices(), lr=np.full(20, 0.05), wd=np.full(20, 0.01),
                          m=3, T=3, beta_param=0.9, beta_grad=0.9, damping=0.05,
                          sigma_low=0.01, sigma_high=1.5, eps=1e-8, clip="graft", kappa=0.0,
-                         momentum=0.9, nesterov=False)
+                         momentum=0.9, nesterov=False,
+                         double_damping=MLBFGSConfig().double_damping)
     bent = 0
 
     def check(_: int) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from mlbfgs_hpc import MLBFGS, build_blocks, init_communicator
+from mlbfgs_hpc.config import MLBFGSConfig
 
 
 def main() -> None:
@@ -35,7 +36,8 @@ def main() -> None:
     parser.add_argument("--after", action="store_true",
                         help="Horovod's reduce-scatter after the backward pass (not overlapped)")
     parser.add_argument("--update-freq", type=int, default=5)
-    parser.add_argument("--double-damping", type=float, default=0.0)
+    # The package default (0.2), so every p-ranks == 1-process run covers the default path.
+    parser.add_argument("--double-damping", type=float, default=MLBFGSConfig().double_damping)
     parser.add_argument("--nan-step", type=int, default=-1, help="poison rank 1's data here")
     parser.add_argument("--raise-on-rank", type=int, default=-1)
     parser.add_argument("--dtype", default="float64")
