@@ -26,7 +26,7 @@ from mlbfgs_hpc.curvature import CURVATURE_STATE_KEYS, BlockCurvature
 
 F64, F32 = torch.float64, torch.float32
 CPU = torch.device("cpu")
-NO_DAMPING = MLBFGSConfig(damping=0.0, sigma_low=0.0, sigma_high=1e12)
+NO_DAMPING = MLBFGSConfig(damping=0.0, sigma_low=0.0, sigma_high=1e12, double_damping=0.0)
 M = 4
 #: Block sizes (tiny, chunk-straddling, one chunk exactly) and how each ring is filled.
 SIZES = (7, 300, 64, 1, 129, 50)

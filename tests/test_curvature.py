@@ -33,7 +33,7 @@ from mlbfgs_hpc.curvature import (
 F64 = torch.float64
 CPU = torch.device("cpu")
 # Leaves every positive-curvature pair untouched (τ = 1): the oracle sees the offered pairs.
-NO_DAMPING = MLBFGSConfig(damping=0.0, sigma_low=0.0, sigma_high=1e12)
+NO_DAMPING = MLBFGSConfig(damping=0.0, sigma_low=0.0, sigma_high=1e12, double_damping=0.0)
 
 
 def dense_inverse_hessian(pairs: list[tuple[np.ndarray, np.ndarray]], n: int) -> np.ndarray:
