@@ -91,19 +91,27 @@ def test_mlbfgs_reaches_lower_training_loss_than_sgd(
 
 
 # ---- late-training stability (issue 13): the collapse of the old default, kept fixed -------------
-def _digits_run(tmp_path: Any, seed: int, *extra: str) -> list[float]:
-    """Test accuracies (every 4 epochs) of a 40-epoch digits MLP run through the real driver."""
+def _driver_records(run_dir: Any, flags: list[str]) -> list[dict[str, Any]]:
+    """The ``metrics.jsonl`` records of one single-process run of the real driver."""
     from mlbfgs_hpc.comm import LocalCommunicator
     from mlbfgs_hpc.train import Trainer, build_parser
 
-    run_dir = tmp_path / f"s{seed}{'_'.join(extra)}"
     args = build_parser().parse_args([
-        "--model", "mlp", "--dataset", "digits", "--epochs", "40", "--update-freq", "5",
-        "--seed", str(seed), "--eval-every", "44", "--threads", "1", "--quiet",
-        "--run-dir", str(run_dir), "--resume", "never", "--checkpoint-every", "0", *extra])
+        *flags, "--threads", "1", "--quiet", "--run-dir", str(run_dir), "--resume", "never",
+        "--checkpoint-every", "0"])
     assert Trainer(args=args, comm=LocalCommunicator()).run() == 0
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _test_accuracies(records: list[dict[str, Any]]) -> list[float]:
     return [r["test_accuracy"] for r in records if r["event"] == "eval"]
+
+
+def _digits_run(tmp_path: Any, seed: int, *extra: str) -> list[float]:
+    """Test accuracies (every 4 epochs) of a 40-epoch digits MLP run through the real driver."""
+    return _test_accuracies(_driver_records(tmp_path / f"s{seed}{'_'.join(extra)}", [
+        "--model", "mlp", "--dataset", "digits", "--epochs", "40", "--update-freq", "5",
+        "--seed", str(seed), "--eval-every", "44", *extra]))
 
 
 def test_default_does_not_collapse_late_in_training(tmp_path: Any, one_thread: None) -> None:
@@ -130,21 +138,13 @@ def _large_batch_run(tmp_path: Any, seed: int, *extra: str) -> tuple[float, list
     """(max ‖H·g‖/‖g‖ logged, test accuracies) of a 120-step run of the small CNN on digits at
     batch 512 (a third of the training set per step: the low-noise gradients of a large
     global batch), lr 0.05 after a 12-step warm-up, T = 2, through the real driver."""
-    from mlbfgs_hpc.comm import LocalCommunicator
-    from mlbfgs_hpc.train import Trainer, build_parser
-
-    run_dir = tmp_path / f"lb_s{seed}{'_'.join(extra)}"
-    args = build_parser().parse_args([
+    records = _driver_records(tmp_path / f"lb_s{seed}{'_'.join(extra)}", [
         "--model", "cnn", "--dataset", "digits", "--batch-size", "512", "--steps", "120",
         "--update-freq", "2", "--warmup-steps", "12", "--lr", "0.05", "--seed", str(seed),
-        "--eval-every", "20", "--log-every", "1", "--threads", "1", "--quiet",
-        "--run-dir", str(run_dir), "--resume", "never", "--checkpoint-every", "0", *extra])
-    assert Trainer(args=args, comm=LocalCommunicator()).run() == 0
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        "--eval-every", "20", "--log-every", "1", *extra])
     ratios = [r["hg_ratio"] for r in records if r["event"] == "train"
               and isinstance(r.get("hg_ratio"), float) and math.isfinite(r["hg_ratio"])]
-    return max(ratios, default=math.inf), [r["test_accuracy"] for r in records
-                                            if r["event"] == "eval"]
+    return max(ratios, default=math.inf), _test_accuracies(records)
 
 
 def test_default_keeps_h_bounded_at_large_batch(tmp_path: Any, one_thread: None) -> None:
