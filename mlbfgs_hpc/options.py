@@ -8,6 +8,7 @@ the values are checked by :mod:`mlbfgs_hpc.cli` before anything starts.
 from __future__ import annotations
 
 import argparse
+import math
 
 from . import cli
 from .comm import GRAD_BACKENDS, GRAD_REDUCE_MODES
@@ -19,6 +20,19 @@ OPTIMIZERS = ("mlbfgs", "sgd", "adam", "lbfgs")
 SCHEDULES = ("none", "cosine", "step")
 DEFAULT_LR = {"mlbfgs": 0.1, "sgd": 0.05, "adam": 1e-3, "lbfgs": 0.1}
 NODE_AWARE_CHOICES = {"auto": None, "on": True, "off": False}
+#: The lr warm-up when ``--warmup-steps`` is not given, as a fraction of the run's steps: with
+#: it the small CNN survives 2x its recommended lr (BENCHMARKS.md §9.9; without it, seeds
+#: 1 and 2 died at step 30-40 at lr 0.2, before any curvature pair).
+DEFAULT_WARMUP_FRACTION = 0.1
+
+
+def default_warmup_steps(total_steps: int) -> int:
+    """The warm-up steps of a ``total_steps``-step run when ``--warmup-steps`` is not given:
+    :data:`DEFAULT_WARMUP_FRACTION` of the run, rounded (0 for runs under 5 steps)."""
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    # Half up, not Python's round-half-even: 15 steps -> 2, 25 -> 3.
+    return min(total_steps - 1, math.floor(DEFAULT_WARMUP_FRACTION * total_steps + 0.5))
 _DEFAULTS = MLBFGSConfig()
 
 
@@ -46,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--step-size", type=int, default=None,
       help="'step' schedule: steps between decays (default: a third of the run)")
     a("--gamma", type=float, default=0.1, help="'step' schedule: decay factor")
-    a("--warmup-steps", type=int, default=0,
-      help="linear lr warm-up over this many steps before the schedule (0: none)")
+    a("--warmup-steps", type=int, default=None,
+      help="linear lr warm-up over this many steps before the schedule (default: 10 %% of "
+           "the run's steps; 0: none)")
     a("--weight-decay", type=float, default=0.0)
     a("--momentum", type=float, default=_DEFAULTS.momentum,
       help="outer momentum of mlbfgs, momentum of sgd")

@@ -38,7 +38,8 @@ from .data import DatasetSplit, GlobalBatchSampler, load_dataset, shard_bounds
 from .device import resolve_device
 from .models import SEQUENCE_MODELS, build_model
 from .optimizer import MLBFGS
-from .options import DEFAULT_LR, NODE_AWARE_CHOICES, build_parser
+from .options import (DEFAULT_LR, NODE_AWARE_CHOICES, build_parser,  # noqa: F401 (re-exported)
+                      default_warmup_steps)
 from .rundir import RunDirBusyError, hold_run_dir
 from .seeding import seed_everything
 from .signals import EXIT_OK, EXIT_REQUEUE, StopRequest, process_age_seconds
@@ -117,6 +118,8 @@ class Trainer:
         steps_per_epoch = self.sampler.batches_per_epoch
         self.total_steps = (args.steps if args.steps is not None
                             else max(1, round(args.epochs * steps_per_epoch)))
+        if args.warmup_steps is None:  # resolved here, so checkpoints record the number
+            args.warmup_steps = default_warmup_steps(self.total_steps)
 
         if (args.model in SEQUENCE_MODELS) != self.train_set.is_sequence:
             raise UsageError(f"--model {args.model} cannot train on --dataset {args.dataset}: "

@@ -122,6 +122,37 @@ def test_trainer_seeds_numpy_and_random_from_seed(tmp_path: Path) -> None:
     assert random.random() == random.Random(7).random()
 
 
+# ---- the default warm-up ------------------------------------------------------------------
+def test_default_warmup_is_a_tenth_of_the_run() -> None:
+    assert [train.default_warmup_steps(n) for n in (1, 4, 5, 15, 20, 25, 936)] == \
+        [0, 0, 1, 2, 2, 3, 94]
+    with pytest.raises(ValueError, match="total_steps must be >= 1"):
+        train.default_warmup_steps(0)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
+@pytest.mark.parametrize("flags, warmup", [((), 3), (("--warmup-steps", "0"), 0),
+                                           (("--warmup-steps", "5"), 5)])
+def test_trainer_resolves_the_warmup_and_ramps_the_lr(tmp_path: Path, flags: tuple[str, ...],
+                                                      warmup: int) -> None:
+    """Without ``--warmup-steps`` a 30-step run ramps the lr over 3 steps (the resolved number
+    is what the run's configuration, and so its checkpoints, record); ``0`` turns it off."""
+    args = train.build_parser().parse_args(
+        [*BASE_ARGS, "--steps", "30", "--lr", "0.1", "--run-dir", str(tmp_path / "r"),
+         "--threads", "1", *flags])
+    trainer = train.Trainer(args=args, comm=train.LocalCommunicator())
+    assert trainer._run_config()["warmup_steps"] == warmup
+    lrs = []
+    for _ in range(warmup + 2):
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.scheduler.step()
+    # torch's LinearLR: lr/N at the first step, rising linearly to lr at step N + 1.
+    ramp = [0.1 * (1 + (warmup - 1) * k / warmup) / warmup for k in range(warmup)]
+    assert lrs[:warmup] == pytest.approx(ramp)
+    assert lrs[warmup] == pytest.approx(0.1)  # the peak, then the cosine
+    assert lrs[warmup + 1] < 0.1
+
+
 # ---- resume with another run length ------------------------------------------------------
 @pytest.mark.timeout(400)
 def test_resume_with_other_steps_extends_and_replans(tmp_path: Path) -> None:

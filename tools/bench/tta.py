@@ -118,9 +118,9 @@ class Task:
 
     def extra_flags(self, optimizer: str) -> list[str]:
         flags = ["--batch-size", str(self.batch_size)]
+        # Always explicit: the task's own warm-up, never mlbfgs-train's default.
         warmup = round(self.warmup_fraction * self.total_steps())
-        if warmup:
-            flags += ["--warmup-steps", str(warmup)]
+        flags += ["--warmup-steps", str(warmup)]
         return flags + list(dict(self.flags).get(optimizer, ()))
 
 
