@@ -33,6 +33,8 @@ def default_warmup_steps(total_steps: int) -> int:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
     # Half up, not Python's round-half-even: 15 steps -> 2, 25 -> 3.
     return min(total_steps - 1, math.floor(DEFAULT_WARMUP_FRACTION * total_steps + 0.5))
+
+
 _DEFAULTS = MLBFGSConfig()
 
 
