@@ -38,8 +38,7 @@ from .data import DatasetSplit, GlobalBatchSampler, load_dataset, shard_bounds
 from .device import resolve_device
 from .models import SEQUENCE_MODELS, build_model
 from .optimizer import MLBFGS
-from .options import (DEFAULT_LR, NODE_AWARE_CHOICES, build_parser,  # noqa: F401 (re-exported)
-                      default_warmup_steps)
+from .options import DEFAULT_LR, NODE_AWARE_CHOICES, build_parser, default_warmup_steps
 from .rundir import RunDirBusyError, hold_run_dir
 from .seeding import seed_everything
 from .signals import EXIT_OK, EXIT_REQUEUE, StopRequest, process_age_seconds
