@@ -31,8 +31,9 @@ def default_warmup_steps(total_steps: int) -> int:
     :data:`DEFAULT_WARMUP_FRACTION` of the run, rounded (0 for runs under 5 steps)."""
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-    # Half up, not Python's round-half-even: 15 steps -> 2, 25 -> 3.
-    return min(total_steps - 1, math.floor(DEFAULT_WARMUP_FRACTION * total_steps + 0.5))
+    # Half up, not Python's round-half-even: 15 steps -> 2, 25 -> 3. Always below the run's
+    # length, as the scheduler requires (0.1·n + 0.5 < n for every n >= 1).
+    return math.floor(DEFAULT_WARMUP_FRACTION * total_steps + 0.5)
 
 
 _DEFAULTS = MLBFGSConfig()
