@@ -147,6 +147,14 @@ def _md_checkpoint(res: dict[str, Any]) -> str:
                                "read ms (no sha256)", "write MiB/s", "of disk"], rows)])
 
 
+def _warmup_words(task: dict[str, Any]) -> str:
+    """The task's lr warm-up as the table heading gives it; results written before the
+    harness recorded steps (2026-12-03) carry a fraction of the run instead."""
+    if "warmup_steps" in task:
+        return f"warm-up {task['warmup_steps']} steps"
+    return f"warm-up {task.get('warmup_fraction') or 0:g} of the run"
+
+
 def _md_tta(res: dict[str, Any]) -> str:
     f = common.fmt_stat
     out = ["## Time to accuracy",
@@ -166,7 +174,7 @@ def _md_tta(res: dict[str, Any]) -> str:
         out.append(f"### {t['task']} ({t['model']} on {t['dataset']}, global batch "
                    f"{t.get('batch_size', 128)}): final runs {t.get('steps')} steps, seeds "
                    f"{t['seeds']}, eval every {t['eval_every']} steps, warm-up "
-                   f"{t.get('warmup_fraction', 0):g} of the run; {protocol}")
+                   f"{_warmup_words(t)}; {protocol}")
         keys = [x if isinstance(x, str) else
                 (f"{int(round(100 * x))}" if metric == "test_accuracy" else f"{x:g}")
                 for x in t["targets"]]
