@@ -1,0 +1,51 @@
+"""The time-to-accuracy harness's warm-up (``tools/bench/tta.py``; pure, no training).
+
+BENCHMARKS §1 is the comparison "with the package's defaults", so a task that does not set
+its own warm-up must get exactly what ``mlbfgs-train`` would choose by itself (10 % of the
+run, rounded half up), and every optimizer of the task the same one; a task that sets a
+fraction (the large-batch tasks) keeps it. The table heading says which was used.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from mlbfgs_hpc.options import default_warmup_steps
+from tools.bench import report, tta
+from tools.bench.driver import OPTIMIZERS
+
+
+def _warmup_flag(flags: list[str]) -> int:
+    return int(flags[flags.index("--warmup-steps") + 1])
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_tasks_without_their_own_warmup_get_the_drivers_default(quick: bool) -> None:
+    tasks = tta.default_tasks(quick=quick)
+    defaulted = [t for t in tasks if t.warmup_fraction is None]
+    assert {t.name for t in defaulted} >= {"mlp-digits", "cnn-fmnist-b128"}
+    for task in defaulted:
+        expected = default_warmup_steps(task.total_steps())
+        assert expected > 0
+        assert {_warmup_flag(task.extra_flags(o)) for o in OPTIMIZERS} == {expected}
+
+
+def test_the_embedded_default_run_warms_up_as_mlbfgs_train_does() -> None:
+    cnn = next(t for t in tta.default_tasks(quick=False) if t.name == "cnn-fmnist-b128")
+    assert cnn.total_steps() == 936 and cnn.warmup_steps() == 94
+
+
+def test_a_task_that_sets_a_fraction_keeps_it() -> None:
+    task = tta.Task("t", "mlp", "digits", eval_every=1, full_grid=True, steps=400,
+                    warmup_fraction=0.25)
+    assert task.warmup_steps() == 100
+    no_warmup = tta.Task("t", "mlp", "digits", eval_every=1, full_grid=True, steps=400,
+                         warmup_fraction=0.0)
+    assert _warmup_flag(no_warmup.extra_flags("sgd")) == 0
+
+
+def test_report_heading_reads_old_and_new_results() -> None:
+    assert report._warmup_words({"warmup_steps": 94}) == "warm-up 94 steps"
+    assert report._warmup_words({"warmup_fraction": 0.1}) == "warm-up 0.1 of the run"
+    assert report._warmup_words({"warmup_fraction": None}) == "warm-up 0 of the run"
+    assert report._warmup_words({}) == "warm-up 0 of the run"
