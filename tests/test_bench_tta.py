@@ -45,7 +45,7 @@ def test_a_task_that_sets_a_fraction_keeps_it() -> None:
 
 
 def test_report_heading_reads_old_and_new_results() -> None:
-    assert report._warmup_words({"warmup_steps": 94}) == "warm-up 94 steps"
-    assert report._warmup_words({"warmup_fraction": 0.1}) == "warm-up 0.1 of the run"
-    assert report._warmup_words({"warmup_fraction": None}) == "warm-up 0 of the run"
-    assert report._warmup_words({}) == "warm-up 0 of the run"
+    assert report._warmup_words({"warmup_steps": 94}) == "94 steps"
+    assert report._warmup_words({"warmup_fraction": 0.1}) == "0.1 of the run"
+    assert report._warmup_words({"warmup_fraction": None}) == "0 of the run"
+    assert report._warmup_words({}) == "0 of the run"

@@ -151,8 +151,8 @@ def _warmup_words(task: dict[str, Any]) -> str:
     """The task's lr warm-up as the table heading gives it; results written before the
     harness recorded steps (2026-12-03) carry a fraction of the run instead."""
     if "warmup_steps" in task:
-        return f"warm-up {task['warmup_steps']} steps"
-    return f"warm-up {task.get('warmup_fraction') or 0:g} of the run"
+        return f"{task['warmup_steps']} steps"
+    return f"{task.get('warmup_fraction') or 0:g} of the run"
 
 
 def _md_tta(res: dict[str, Any]) -> str:
