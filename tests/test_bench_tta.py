@@ -8,6 +8,8 @@ fraction (the large-batch tasks) keeps it. The table heading says which was used
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mlbfgs_hpc.options import default_warmup_steps
@@ -49,3 +51,36 @@ def test_report_heading_reads_old_and_new_results() -> None:
     assert report._warmup_words({"warmup_fraction": 0.1}) == "0.1 of the run"
     assert report._warmup_words({"warmup_fraction": None}) == "0 of the run"
     assert report._warmup_words({}) == "0 of the run"
+
+
+def test_a_diverged_seed_does_not_stretch_the_loss_plot(tmp_path, monkeypatch) -> None:
+    """§1's CNN plot (2026-12-03): torch L-BFGS's seed 2 reached a loss of 1e20 before the
+    run stopped, and the log axis spanned twenty decades, every other curve a flat line."""
+    import matplotlib.figure
+
+    limits: dict[str, tuple[float, float]] = {}
+    original = matplotlib.figure.Figure.savefig
+
+    def recording_savefig(fig, path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        limits[Path(path).name] = fig.axes[0].get_ylim()
+        return original(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", recording_savefig)
+    task = tta.Task("t", "mlp", "digits", eval_every=10, full_grid=False, steps=30,
+                    seeds=(0, 1))
+
+    def run(optimizer: str, seed: int, losses: list[float]) -> tta.RunResult:
+        train = [{"step": 10 * (i + 1), "time": float(i + 1), "loss": v}
+                 for i, v in enumerate(losses)]
+        evals = [{"step": r["step"], "time": r["time"], "test_accuracy": 0.9}
+                 for r in train]
+        return tta.RunResult(optimizer=optimizer, lr=0.1, seed=seed, phase="final",
+                             evals=evals, train=train)
+
+    final = [run("sgd", 0, [2.3, 0.5, 0.3]), run("sgd", 1, [2.3, 0.6, 0.3]),
+             run("lbfgs", 0, [2.3, 1e20, 1e21]), run("lbfgs", 1, [2.3, 2.0, 1.5])]
+    paths = tta.plot({"task": task, "best_lr": {"sgd": 0.1, "lbfgs": 0.1},
+                      "final": final}, tmp_path)
+    assert all(p.is_file() for p in paths)
+    low, high = limits["tta_t_loss_vs_steps.png"]
+    assert high == pytest.approx(4 * 2.3) and 0 < low < 0.3

@@ -552,6 +552,7 @@ def plot(task_result: dict[str, Any], out_dir: Path) -> list[Path]:
               "training seconds (eval excluded)", task.metric.replace("_", " "))]
     for name, source, xkey, ykey, xlabel, ylabel in specs:
         fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=90)
+        first_values: list[float] = []
         for opt, runs in by_opt.items():
             curves = [getattr(r, source) for r in runs if getattr(r, source)]
             if not curves:
@@ -564,8 +565,14 @@ def plot(task_result: dict[str, Any], out_dir: Path) -> list[Path]:
             line, = ax.plot(x, np.median(ys, axis=0), label=f"{opt} (lr {lr:g})", lw=1.4)
             ax.fill_between(x, ys.min(axis=0), ys.max(axis=0), color=line.get_color(),
                             alpha=0.15, lw=0)
+            first_values += [v for v in ys[:, 0] if math.isfinite(v)]
         if ykey == "loss":
             ax.set_yscale("log")
+            # A seed that diverged (loss 1e20 before the run stopped) would stretch the axis
+            # over twenty decades and flatten every other curve: cap it at a few times the
+            # largest starting loss; the diverged band leaves the plot at the top.
+            if first_values:
+                ax.set_ylim(top=4.0 * max(first_values))
         if ykey == task.metric:
             if task.higher_is_better:
                 ax.set_ylim(min(task.targets) - 0.1, 1.0)
