@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench.tta import run_many  # noqa: E402
+from bench.tta_runs import run_many  # noqa: E402
 
 logger = logging.getLogger("sweep")
 

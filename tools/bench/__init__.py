@@ -24,6 +24,9 @@
 ``scaling_worker`` one rank of ``scaling`` (run under ``mpirun``)
 ``checkpoint``     checkpoint size, write and read time vs the disk's write speed
 ``tta``            time to accuracy against SGD, Adam, L-BFGS and Shampoo
+``tta_tasks``      its tasks (model, dataset, length, targets, warm-up) and lr grids
+``tta_runs``       its training runs, each in a fresh process, read back from metrics.jsonl
+``tta_analysis``   its results: steps/seconds to each target, tta.csv rows, plots
 ``gpu``            the CUDA path (iteration, H·g) on one GPU
 ``multinode``      cross-host communication cost on 2 namespace hosts
 ``netpaths``       the gradient/update paths of a training step on shaped links: bytes per
