@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-ClipMode = Literal["graft", "kl", "none"]
-CLIP_MODES: tuple[str, ...] = ("graft", "kl", "none")
+ClipMode = Literal["graft", "graft-global", "kl", "none"]
+CLIP_MODES: tuple[str, ...] = ("graft", "graft-global", "kl", "none")
 
 
 def _require(condition: bool, name: str, allowed: str, value: object) -> None:
@@ -36,7 +36,11 @@ class MLBFGSConfig:
         curvature_eps: ε of the acceptance test sᵀŷ > ε·sᵀs.
         clip: how the step is sized once a block has curvature: ``"graft"`` (each block's
             H·g rescaled to the norm of that block's g: the curvature picks the direction,
-            the gradient its length; Agarwal et al. 2020), ``"kl"`` (the design's guard,
+            the gradient its length; Agarwal et al. 2020), ``"graft-global"`` (the whole
+            direction, every block on every rank, rescaled by ONE factor to the gradient's
+            norm: the blocks keep the relative lengths H gives them, as in the authors' block
+            code's unit-norm direction; with ``damping=0.01`` the better choice for the
+            transformer LM, BENCHMARKS.md §9.12–9.13), ``"kl"`` (the design's guard,
             ν = min(1, sqrt(κ/gᵀd)) on the whole direction) or ``"none"``.
         kl_clip: κ of the ``"kl"`` guard.
         momentum: outer heavy-ball momentum μ.

@@ -43,7 +43,7 @@ from .curvature import BlockCurvature
 from .optimizer_state import (FLAT_STATE_KEYS, GLOBAL_STATE_KEYS, STATE_FORMAT_VERSION,
                               check_saved_state, param_group_table)
 from .partition import Ownership
-from .stepsize import DIAGNOSTIC_KEYS, BlockStats, StepTotals, kl_factor
+from .stepsize import DIAGNOSTIC_KEYS, BlockStats, StepTotals, global_graft_factor, kl_factor
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,8 @@ class MLBFGS(torch.optim.Optimizer):
         sigma_high: upper bound of the curvature ratio.
         curvature_eps: acceptance threshold ε of sᵀŷ > ε·sᵀs.
         clip: how the step is sized once a block has curvature: ``"graft"`` (per block,
-            H·g at the norm of g), ``"kl"`` (ν = min(1, sqrt(κ/gᵀd))) or ``"none"``.
+            H·g at the norm of g), ``"graft-global"`` (the whole direction at the norm of
+            the whole g, one factor), ``"kl"`` (ν = min(1, sqrt(κ/gᵀd))) or ``"none"``.
         kl_clip: κ of the ``"kl"`` guard.
         momentum: outer heavy-ball momentum.
         nesterov: Nesterov variant of the outer momentum.
@@ -353,6 +354,13 @@ class MLBFGS(torch.optim.Optimizer):
                 # Per-block grafting: each curved block's H·g rescaled to the norm of its g
                 # (Agarwal et al. 2020); local to the owner, one multiply for all blocks.
                 batched.graft_(block_stats.graft_scales)
+                applied_sq = totals.g_sq_sum
+            elif totals.curved and cfg.clip == "graft-global":
+                # One factor for every block on every rank (from the rank-order totals, so
+                # identical everywhere): ‖d‖ = ‖g‖ overall, the blocks keep H's relative
+                # lengths. Blocks without pairs (d = g) are scaled with the rest.
+                scale = global_graft_factor(g_sq=totals.g_sq_sum, d_sq=totals.d_sq_sum)
+                batched.graft_(dict.fromkeys(range(len(batched.blocks)), scale))
                 applied_sq = totals.g_sq_sum
             batched.write_direction_()
             if totals.curved and cfg.clip == "kl":

@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--curvature-eps", type=float, default=_DEFAULTS.curvature_eps)
     a("--clip", choices=CLIP_MODES, default=_DEFAULTS.clip,
       help="step sizing once curvature is in use: graft (per block, H·g at the norm of g), "
+           "graft-global (the whole direction at the whole gradient's norm, one factor; "
+           "with --damping 0.01 the better choice for transformers), "
            "kl (the design's KL guard, --kl-clip), none")
     a("--kl-clip", type=float, default=_DEFAULTS.kl_clip)
     a("--pair-momentum", type=float, default=_DEFAULTS.pair_momentum,

@@ -9,6 +9,7 @@ the step identically and the rules are unit-testable without an optimizer::
     allgather of the rank sums  ──►  sum_in_rank_order  ──►  identical totals everywhere
          │
          ├─ clip="graft": block k's d rescaled by sqrt(gᵀg / dᵀd)   (local to its owner)
+         ├─ clip="graft-global": every d by sqrt(Σgᵀg / Σdᵀd)      (the totals: all ranks)
          ├─ clip="kl":    the whole d scaled by ν = min(1, sqrt(κ / gᵀd))
          └─ diagnostics:  cos(H·g, g), ‖H·g‖/‖g‖, applied ‖d‖/‖g‖, damping τ
 """
@@ -131,6 +132,12 @@ class StepTotals:
                            else math.nan),
             "tau_mean": self.tau_sum / self.tau_count if self.tau_count else math.nan,
         }
+
+
+def global_graft_factor(*, g_sq: float, d_sq: float) -> float:
+    """sqrt(Σ gᵀg / Σ dᵀd) over every block: the one factor that gives the whole direction
+    the whole gradient's norm (NaN when dᵀd = 0; the caller then keeps the gradient)."""
+    return math.sqrt(g_sq / d_sq) if d_sq > 0.0 else math.nan
 
 
 def kl_factor(g_dot_d: float, *, kl_clip: float) -> float:

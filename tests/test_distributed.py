@@ -37,6 +37,9 @@ RUNS = {  # name: (ranks, extra args); 0 ranks = plain python, no launcher
     # Double damping runs per block on its owner, at pair time (H·y from the block's ring).
     "single_dd": (0, ["--double-damping", "0.5"]),
     "p3_dd": (3, ["--double-damping", "0.5", "--backend", "mpi"]),
+    # One step length for the whole direction: its factor needs every rank's block norms.
+    "single_gg": (0, ["--clip", "graft-global"]),
+    "p3_gg": (3, ["--clip", "graft-global", "--backend", "mpi"]),
     # The default gradient path is the reduce-scatter (node-aware off on one host); the others
     # in one job: the allreduce, and the node-aware collectives forced on (one host: the
     # intra-host steps alone, with an inter-host step among one leader).
@@ -88,16 +91,21 @@ def test_every_gradient_path_equals_single_process(runs: dict[str, Path], path: 
                                                "last_gamma": record["counters"]["last_gamma"]}
 
 
-def test_double_damping_on_p_ranks_equals_single_process(runs: dict[str, Path]) -> None:
-    """``double_damping``'s μ1 changes the pairs (0.5 ends elsewhere than the default 0.2 of
-    the other runs) and 3 ranks, each damping only the blocks it owns, end where one process
-    does."""
-    with_dd = _params(runs["single_dd"])
-    assert_same_params(with_dd, _params(runs["p3_dd"]), atol=ATOL)
+@pytest.mark.parametrize("variant", ["dd", "gg"])
+def test_option_on_p_ranks_equals_single_process(runs: dict[str, Path], variant: str) -> None:
+    """An option that changes the trajectory ends, on 3 ranks, where one process does.
+
+    ``dd``: double damping's μ1 = 0.5 (the other runs use the default 0.2) changes the pairs,
+    and each rank damps only the blocks it owns. ``gg``: ``clip="graft-global"`` scales every
+    block by ONE factor from the norms of all blocks; each of the 3 ranks owns one of the 3
+    blocks, so a factor from a rank's own blocks would end elsewhere than one process does.
+    """
+    with_option = _params(runs[f"single_{variant}"])
+    assert_same_params(with_option, _params(runs[f"p3_{variant}"]), atol=ATOL)
     default = _params(runs["single"])
-    assert max((with_dd[k] - default[k]).abs().max().item() for k in with_dd) > 1e-6
-    single = _records(runs["single_dd"])[0]["counters"]
-    for record in _records(runs["p3_dd"]):
+    assert max((with_option[k] - default[k]).abs().max().item() for k in with_option) > 1e-6
+    single = _records(runs[f"single_{variant}"])[0]["counters"]
+    for record in _records(runs[f"p3_{variant}"]):
         assert record["counters"]["accepted_pairs"] == single["accepted_pairs"] > 0
 
 

@@ -182,7 +182,9 @@ class DenseReference:
                 for b, sl in enumerate(self.slices):
                     if self.history[b]:
                         d[sl] *= np.linalg.norm(g[sl]) / np.linalg.norm(d[sl])
-        self.last_direction = d
+            elif self.clip == "graft-global":  # the whole direction at the whole g's norm
+                d *= np.linalg.norm(g) / np.linalg.norm(d)
+        self.last_direction, self.last_gradient = d, g
         if self.mom == 0:
             v = d
         else:
@@ -356,6 +358,36 @@ def test_follows_dense_reference_with_grafting() -> None:
     run_in_lockstep(problem, params, opt, ref, steps=45, check=check)
     # The curvature really bent the directions (else grafting would be a no-op test).
     assert bent > 10 and ref.accepted == 3 * (45 // 3 - 1)
+
+
+def test_follows_dense_reference_with_one_global_graft_factor() -> None:
+    """``clip="graft-global"``: the whole direction rescaled by one factor to the whole
+    gradient's norm, so the blocks keep the relative lengths H gives them (unlike per-block
+    grafting, where every block's step has its own gradient's length)."""
+    sizes = [9, 5, 6]
+    problem = Quadratic(sizes, low=0.002, high=3.0, seed=5, noise=0.3)
+    params = problem.params()
+    opt = MLBFGS(params, lr=0.05, weight_decay=0.01, history_size=3, update_freq=3,
+                 damping=0.05, clip="graft-global", momentum=0.9)
+    ref = DenseReference(slices=problem.slices(), lr=np.full(20, 0.05), wd=np.full(20, 0.01),
+                         m=3, T=3, beta_param=0.9, beta_grad=0.9, damping=0.05,
+                         sigma_low=0.01, sigma_high=1.5, eps=1e-8, clip="graft-global",
+                         kappa=0.0, momentum=0.9, nesterov=False,
+                         double_damping=MLBFGSConfig().double_damping)
+    uneven = 0
+
+    def check(_: int) -> None:
+        nonlocal uneven
+        if not ref.cosines:
+            return
+        assert opt.diagnostics["step_scale"] == pytest.approx(1.0, rel=1e-12)
+        g = ref.last_gradient
+        lengths = [np.linalg.norm(ref.last_direction[sl]) / np.linalg.norm(g[sl])
+                   for sl in problem.slices()]
+        uneven += max(lengths) > 1.5 * min(lengths)   # per-block grafting: all exactly 1
+
+    run_in_lockstep(problem, params, opt, ref, steps=45, check=check)
+    assert uneven > 10 and ref.accepted == 3 * (45 // 3 - 1)
 
 
 def test_damping_changes_the_trajectory_like_the_reference() -> None:

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from mlbfgs_hpc.stepsize import BlockStats, StepTotals, kl_factor, sum_in_rank_order
+from mlbfgs_hpc.stepsize import (BlockStats, StepTotals, global_graft_factor, kl_factor,
+                                 sum_in_rank_order)
 
 
 def _rows() -> dict[str, list[float]]:
@@ -58,6 +59,15 @@ def test_diagnostics_are_nan_before_any_curvature() -> None:
     diag = totals.diagnostics(applied_sq=totals.d_sq_sum)
     assert all(math.isnan(diag[k]) for k in ("cos_mean", "cos_min", "hg_ratio", "tau_mean"))
     assert diag["step_scale"] == 1.0
+
+
+def test_global_graft_factor_uses_the_sums_over_every_block() -> None:
+    # The totals of _rows(): Σgᵀg = 14 (uncurved block 0 counts with d = g), Σdᵀd = 6.
+    stats = BlockStats.from_rows(_rows(), curved=[1, 2])
+    factor = global_graft_factor(g_sq=stats.g_sq_sum, d_sq=stats.d_sq_sum)
+    assert factor == pytest.approx(math.sqrt(14.0 / 6.0))
+    assert factor * factor * stats.d_sq_sum == pytest.approx(stats.g_sq_sum)
+    assert math.isnan(global_graft_factor(g_sq=1.0, d_sq=0.0))   # caller keeps the gradient
 
 
 def test_kl_factor_and_rank_order_sum() -> None:

@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--update-freq", type=int, default=5)
     # The package default (0.2), so every p-ranks == 1-process run covers the default path.
     parser.add_argument("--double-damping", type=float, default=MLBFGSConfig().double_damping)
+    parser.add_argument("--clip", default=MLBFGSConfig().clip)
     parser.add_argument("--nan-step", type=int, default=-1, help="poison rank 1's data here")
     parser.add_argument("--raise-on-rank", type=int, default=-1)
     parser.add_argument("--dtype", default="float64")
@@ -65,7 +66,7 @@ def train(args: argparse.Namespace, comm: Any, backend: str, grad_reduce: str, n
     y_all = (x_all[:, :4] * 3).argmax(1)
     optimizer = MLBFGS(model.parameters(), blocks=build_blocks(model), lr=0.05,
                        update_freq=args.update_freq, comm=comm, grad_backend=backend,
-                       grad_reduce=grad_reduce, double_damping=args.double_damping,
+                       grad_reduce=grad_reduce, double_damping=args.double_damping, clip=args.clip,
                        node_aware={"auto": None, "on": True, "off": False}[node],
                        grad_overlap=overlap)
     timings: list[float] = []
