@@ -25,10 +25,14 @@ BLOCK_SCALARS: tuple[str, ...] = ("g_dot_d", "gamma", "g_sq", "d_sq")
 #: Per-step read-outs of what the curvature did (:attr:`MLBFGS.diagnostics`), NaN before the
 #: first pair. ``cos_mean``/``cos_min``: cosine between a block's H·g and its g (1: the
 #: curvature does not bend the direction); ``hg_ratio``: geometric mean of ‖H·g‖/‖g‖ (the
-#: curvature's own step length, before the guard); ``step_scale``: ‖applied direction‖/‖g‖
-#: over all blocks (after the guard or grafting); ``tau_mean``: mean damping factor τ of the
-#: blocks' last offered pairs (τ0 = 1 − damping: undamped beyond τ0).
-DIAGNOSTIC_KEYS: tuple[str, ...] = ("cos_mean", "cos_min", "hg_ratio", "step_scale", "tau_mean")
+#: curvature's own step length, before the guard); ``hg_ratio_min``/``hg_ratio_max``: its
+#: smallest and largest value over the blocks (how differently H sizes them: under
+#: ``clip="graft-global"`` the applied per-block lengths keep these proportions, under
+#: per-block grafting every block gets 1); ``step_scale``: ‖applied direction‖/‖g‖ over all
+#: blocks (after the guard or grafting); ``tau_mean``: mean damping factor τ of the blocks'
+#: last offered pairs (τ0 = 1 − damping: undamped beyond τ0).
+DIAGNOSTIC_KEYS: tuple[str, ...] = ("cos_mean", "cos_min", "hg_ratio", "hg_ratio_min",
+                                    "hg_ratio_max", "step_scale", "tau_mean")
 
 
 @dataclass(frozen=True)
@@ -47,8 +51,10 @@ class BlockStats:
     cos_sum: float
     cos_min: float
     log_ratio_sum: float
-    measured: int   # curved blocks with ‖g‖, ‖H·g‖ > 0: those in cos_* and log_ratio_sum
+    measured: int   # curved blocks with ‖g‖, ‖H·g‖ > 0: those in cos_* and the ratios
     graft_scales: dict[int, float]
+    ratio_min: float = math.inf   # of ‖H·g‖/‖g‖ over the measured blocks
+    ratio_max: float = 0.0
 
     @classmethod
     def from_rows(cls, rows: dict[str, list[float]], curved: list[int]) -> BlockStats:
@@ -56,6 +62,7 @@ class BlockStats:
         blocks with curvature (the others have d = g, so their norms are gᵀd)."""
         g_dot_d = gamma_sum = g_sq_sum = d_sq_sum = cos_sum = log_ratio_sum = 0.0
         cos_min, measured = math.inf, 0
+        ratio_min, ratio_max = math.inf, 0.0
         scales: dict[int, float] = {}
         curved_set = set(curved)
         for k, gd in enumerate(rows["g_dot_d"]):
@@ -78,23 +85,27 @@ class BlockStats:
                 cos_sum += cos
                 cos_min = min(cos_min, cos)
                 log_ratio_sum += 0.5 * math.log(ratio)
+                ratio_min = min(ratio_min, math.sqrt(ratio))
+                ratio_max = max(ratio_max, math.sqrt(ratio))
                 measured += 1
         return cls(g_dot_d=g_dot_d, gamma_sum=gamma_sum, g_sq_sum=g_sq_sum,
                    d_sq_sum=d_sq_sum, cos_sum=cos_sum, cos_min=cos_min,
-                   log_ratio_sum=log_ratio_sum, measured=measured, graft_scales=scales)
+                   log_ratio_sum=log_ratio_sum, measured=measured, graft_scales=scales,
+                   ratio_min=ratio_min, ratio_max=ratio_max)
 
     def to_row(self, *, accepted: int, rejected: int, curved: int, tau_sum: float,
                tau_count: int) -> list[float]:
         """This rank's row of the per-step allgather (see :class:`StepTotals`)."""
         return [self.g_dot_d, curved, self.gamma_sum, accepted, rejected, self.cos_sum,
                 self.log_ratio_sum, self.g_sq_sum, self.d_sq_sum, tau_sum, tau_count,
-                self.measured, self.cos_min]
+                self.measured, self.cos_min, self.ratio_min, self.ratio_max]
 
 
 @dataclass(frozen=True)
 class StepTotals:
     """The rows of :meth:`BlockStats.to_row` from every rank, summed in rank order (the last
-    column, ``cos_min``, is a minimum): identical on every rank."""
+    three columns, ``cos_min``, ``ratio_min`` and ``ratio_max``, are a minimum, a minimum and
+    a maximum): identical on every rank."""
 
     g_dot_d: float
     curved: int
@@ -109,17 +120,21 @@ class StepTotals:
     tau_count: int
     measured: int
     cos_min: float
+    ratio_min: float = math.inf
+    ratio_max: float = 0.0
 
     @classmethod
     def from_rank_rows(cls, per_rank: Any) -> StepTotals:
         """``per_rank``: the (ranks × values) array of the allgather."""
-        totals = sum_in_rank_order(per_rank)
-        cos_min = min((float(v) for v in per_rank[:, -1]), default=math.inf)
+        totals = sum_in_rank_order(per_rank[:, :-3])
+        extremes = [[float(v) for v in per_rank[:, j]] for j in (-3, -2, -1)]
         return cls(g_dot_d=totals[0], curved=int(totals[1]), gamma_sum=totals[2],
                    accepted=int(totals[3]), rejected=int(totals[4]), cos_sum=totals[5],
                    log_ratio_sum=totals[6], g_sq_sum=totals[7], d_sq_sum=totals[8],
                    tau_sum=totals[9], tau_count=int(totals[10]), measured=int(totals[11]),
-                   cos_min=cos_min)
+                   cos_min=min(extremes[0], default=math.inf),
+                   ratio_min=min(extremes[1], default=math.inf),
+                   ratio_max=max(extremes[2], default=0.0))
 
     def diagnostics(self, *, applied_sq: float) -> dict[str, float]:
         """:data:`DIAGNOSTIC_KEYS` of this step; ``applied_sq``: ‖applied direction‖²."""
@@ -128,6 +143,8 @@ class StepTotals:
             "cos_mean": self.cos_sum / measured if measured else math.nan,
             "cos_min": self.cos_min if measured else math.nan,
             "hg_ratio": math.exp(self.log_ratio_sum / measured) if measured else math.nan,
+            "hg_ratio_min": self.ratio_min if measured else math.nan,
+            "hg_ratio_max": self.ratio_max if measured else math.nan,
             "step_scale": (math.sqrt(applied_sq / self.g_sq_sum) if self.g_sq_sum > 0.0
                            else math.nan),
             "tau_mean": self.tau_sum / self.tau_count if self.tau_count else math.nan,

@@ -374,10 +374,10 @@ def test_follows_dense_reference_with_one_global_graft_factor() -> None:
                          sigma_low=0.01, sigma_high=1.5, eps=1e-8, clip="graft-global",
                          kappa=0.0, momentum=0.9, nesterov=False,
                          double_damping=MLBFGSConfig().double_damping)
-    uneven = 0
+    uneven = spread_checked = 0
 
     def check(_: int) -> None:
-        nonlocal uneven
+        nonlocal uneven, spread_checked
         if not ref.cosines:
             return
         assert opt.diagnostics["step_scale"] == pytest.approx(1.0, rel=1e-12)
@@ -385,9 +385,15 @@ def test_follows_dense_reference_with_one_global_graft_factor() -> None:
         lengths = [np.linalg.norm(ref.last_direction[sl]) / np.linalg.norm(g[sl])
                    for sl in problem.slices()]
         uneven += max(lengths) > 1.5 * min(lengths)   # per-block grafting: all exactly 1
+        if len(ref.cosines) == len(sizes):   # every block curved: the logged spread of
+            # ‖H·g‖/‖g‖ is the applied lengths' spread (one factor scales them all)
+            diag = opt.diagnostics
+            assert diag["hg_ratio_max"] / diag["hg_ratio_min"] == pytest.approx(
+                max(lengths) / min(lengths), rel=1e-9)
+            spread_checked += 1
 
     run_in_lockstep(problem, params, opt, ref, steps=45, check=check)
-    assert uneven > 10 and ref.accepted == 3 * (45 // 3 - 1)
+    assert uneven > 10 and spread_checked > 10 and ref.accepted == 3 * (45 // 3 - 1)
 
 
 def test_damping_changes_the_trajectory_like_the_reference() -> None:

@@ -27,6 +27,7 @@ def test_block_stats_by_hand() -> None:
     assert stats.cos_sum == pytest.approx(1.0 / math.sqrt(2.0))
     assert stats.cos_min == pytest.approx(1.0 / math.sqrt(2.0))
     assert stats.log_ratio_sum == pytest.approx(0.5 * math.log(2.0))
+    assert stats.ratio_min == stats.ratio_max == pytest.approx(math.sqrt(2.0))
     assert set(stats.graft_scales) == {1, 2}          # only curved blocks are grafted
     assert stats.graft_scales[1] == pytest.approx(math.sqrt(0.5))
     assert math.isnan(stats.graft_scales[2])          # H·g = 0: the optimizer takes g
@@ -45,6 +46,9 @@ def test_step_totals_sum_ranks_and_take_the_minimum_cosine() -> None:
     assert totals.g_dot_d == 4.0 and totals.g_sq_sum == 15.0 and totals.d_sq_sum == 10.0
     assert totals.cos_min == pytest.approx(-0.5)      # block with g = −H·g / 2: cos = −1/2
     diag = totals.diagnostics(applied_sq=15.0)
+    # ‖H·g‖/‖g‖ of the two measured blocks, one per rank: √2 and 2.
+    assert diag["hg_ratio_min"] == pytest.approx(math.sqrt(2.0))
+    assert diag["hg_ratio_max"] == pytest.approx(2.0)
     assert diag["cos_mean"] == pytest.approx((1.0 / math.sqrt(2.0) - 0.5) / 2)
     assert diag["hg_ratio"] == pytest.approx(math.exp((0.5 * math.log(2.0) + math.log(2.0)) / 2))
     assert diag["step_scale"] == pytest.approx(1.0)   # grafted: ‖d‖ = ‖g‖
@@ -57,7 +61,8 @@ def test_diagnostics_are_nan_before_any_curvature() -> None:
     totals = StepTotals.from_rank_rows(np.array([stats.to_row(
         accepted=0, rejected=0, curved=0, tau_sum=0.0, tau_count=0)]))
     diag = totals.diagnostics(applied_sq=totals.d_sq_sum)
-    assert all(math.isnan(diag[k]) for k in ("cos_mean", "cos_min", "hg_ratio", "tau_mean"))
+    assert all(math.isnan(diag[k]) for k in ("cos_mean", "cos_min", "hg_ratio", "hg_ratio_min",
+                                             "hg_ratio_max", "tau_mean"))
     assert diag["step_scale"] == 1.0
 
 
@@ -88,4 +93,5 @@ def test_overflowed_norms_are_not_measured_and_do_not_raise() -> None:
     assert stats.measured == 1                          # only block 2
     assert stats.cos_min == pytest.approx(1.0)          # gᵀd = 2 = ‖g‖·‖d‖
     assert stats.log_ratio_sum == pytest.approx(0.5 * math.log(4.0))
+    assert stats.ratio_min == stats.ratio_max == pytest.approx(2.0)
     assert math.isinf(stats.graft_scales[0]) and stats.graft_scales[1] == 0.0
