@@ -53,8 +53,8 @@ class BlockStats:
     log_ratio_sum: float
     measured: int   # curved blocks with ‖g‖, ‖H·g‖ > 0: those in cos_* and the ratios
     graft_scales: dict[int, float]
-    ratio_min: float = math.inf   # of ‖H·g‖/‖g‖ over the measured blocks
-    ratio_max: float = 0.0
+    ratio_min: float   # smallest ‖H·g‖/‖g‖ over the measured blocks (inf: none)
+    ratio_max: float   # largest (0: none)
 
     @classmethod
     def from_rows(cls, rows: dict[str, list[float]], curved: list[int]) -> BlockStats:
@@ -85,8 +85,8 @@ class BlockStats:
                 cos_sum += cos
                 cos_min = min(cos_min, cos)
                 log_ratio_sum += 0.5 * math.log(ratio)
-                ratio_min = min(ratio_min, math.sqrt(ratio))
-                ratio_max = max(ratio_max, math.sqrt(ratio))
+                length = math.sqrt(ratio)
+                ratio_min, ratio_max = min(ratio_min, length), max(ratio_max, length)
                 measured += 1
         return cls(g_dot_d=g_dot_d, gamma_sum=gamma_sum, g_sq_sum=g_sq_sum,
                    d_sq_sum=d_sq_sum, cos_sum=cos_sum, cos_min=cos_min,
@@ -120,21 +120,22 @@ class StepTotals:
     tau_count: int
     measured: int
     cos_min: float
-    ratio_min: float = math.inf
-    ratio_max: float = 0.0
+    ratio_min: float
+    ratio_max: float
 
     @classmethod
     def from_rank_rows(cls, per_rank: Any) -> StepTotals:
         """``per_rank``: the (ranks × values) array of the allgather."""
         totals = sum_in_rank_order(per_rank[:, :-3])
-        extremes = [[float(v) for v in per_rank[:, j]] for j in (-3, -2, -1)]
+        cos_mins, ratio_mins, ratio_maxs = ([float(v) for v in per_rank[:, j]]
+                                            for j in (-3, -2, -1))
         return cls(g_dot_d=totals[0], curved=int(totals[1]), gamma_sum=totals[2],
                    accepted=int(totals[3]), rejected=int(totals[4]), cos_sum=totals[5],
                    log_ratio_sum=totals[6], g_sq_sum=totals[7], d_sq_sum=totals[8],
                    tau_sum=totals[9], tau_count=int(totals[10]), measured=int(totals[11]),
-                   cos_min=min(extremes[0], default=math.inf),
-                   ratio_min=min(extremes[1], default=math.inf),
-                   ratio_max=max(extremes[2], default=0.0))
+                   cos_min=min(cos_mins, default=math.inf),
+                   ratio_min=min(ratio_mins, default=math.inf),
+                   ratio_max=max(ratio_maxs, default=0.0))
 
     def diagnostics(self, *, applied_sq: float) -> dict[str, float]:
         """:data:`DIAGNOSTIC_KEYS` of this step; ``applied_sq``: ‖applied direction‖²."""
