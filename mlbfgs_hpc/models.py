@@ -1,5 +1,5 @@
-"""Model zoo of the training command: an MLP, a small CNN, a CIFAR-style ResNet-18 and a
-small decoder-only character transformer.
+"""Model zoo of the training command: softmax regression, an MLP, a small CNN, a CIFAR-style
+ResNet-18 and a small decoder-only character transformer.
 
 The image models take images shaped ``(N, C, H, W)`` (tabular data such as scikit-learn's
 digits is fed as ``(N, 1, 8, 8)``) and return logits shaped ``(N, num_classes)``; the
@@ -26,7 +26,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAMES: tuple[str, ...] = ("mlp", "cnn", "resnet18", "transformer")
+MODEL_NAMES: tuple[str, ...] = ("linear", "mlp", "cnn", "resnet18", "transformer")
 #: Models that read token sequences ``(N, L)`` and predict every next token.
 SEQUENCE_MODELS: tuple[str, ...] = ("transformer",)
 
@@ -52,6 +52,29 @@ def _check_in_shape(in_shape: tuple[int, int, int], *, min_side: int = 1) -> tup
 def _check_positive_int(value: int, name: str) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+class LinearClassifier(nn.Module):
+    """Softmax (multinomial logistic) regression: flatten -> one Linear layer.
+
+    With the cross-entropy loss the training objective is convex in the parameters, which
+    makes it the model on which quasi-Newton curvature has the least excuse not to pay:
+    BENCHMARKS.md §9.15 uses it (full batch, Fashion-MNIST) as a held-out task.
+
+    Args:
+        in_shape: input shape (channels, height, width); flattened to C*H*W features.
+        num_classes: number of output logits (>= 1).
+    """
+
+    def __init__(self, *, in_shape: tuple[int, int, int], num_classes: int) -> None:
+        super().__init__()
+        channels, height, width = _check_in_shape(in_shape)
+        _check_positive_int(num_classes, "num_classes")
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(channels * height * width, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return logits ``(N, num_classes)`` for images ``(N, C, H, W)``."""
+        return self.net(x)
 
 
 class MLP(nn.Module):
@@ -322,6 +345,7 @@ class CharTransformer(nn.Module):
 
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "linear": LinearClassifier,
     "mlp": MLP,
     "cnn": SmallCNN,
     "resnet18": ResNet18,

@@ -275,6 +275,7 @@ def test_sampler_rejects_bad_positions() -> None:
 # --------------------------------------------------------------------------------- models
 
 _SMALL_OPTIONS: dict[str, dict[str, object]] = {
+    "linear": {},
     "mlp": {},
     "cnn": {},
     "resnet18": {"width": 4},
@@ -315,6 +316,8 @@ def test_parameter_counts() -> None:
     # The CIFAR ResNet-18 of the mL-BFGS paper: 11,173,962 parameters (no forward: keep it fast).
     resnet = build_model("resnet18", in_shape=(3, 32, 32), num_classes=10)
     assert count_parameters(resnet) == 11_173_962
+    linear = build_model("linear", in_shape=(1, 28, 28), num_classes=10)
+    assert count_parameters(linear) == 784 * 10 + 10 and len(build_blocks(linear)) == 1
     mlp = build_model("mlp", in_shape=(1, 28, 28), num_classes=10)
     assert count_parameters(mlp) == 784 * 256 + 256 + 256 * 128 + 128 + 128 * 10 + 10
     custom = build_model("mlp", in_shape=(1, 8, 8), num_classes=3, hidden_sizes=(5,))
@@ -402,12 +405,14 @@ def test_cnn_optional_pool_bounds_the_classifier() -> None:
 
 
 def test_build_model_rejects_bad_arguments() -> None:
-    with pytest.raises(ValueError, match="mlp.*cnn.*resnet18.*transformer"):
+    with pytest.raises(ValueError, match="linear.*mlp.*cnn.*resnet18.*transformer"):
         build_model("vgg16", in_shape=(1, 8, 8), num_classes=10)
     with pytest.raises(ValueError, match="width"):
         build_model("mlp", in_shape=(1, 8, 8), num_classes=10, width=8)
     with pytest.raises(ValueError, match="in_shape"):
         build_model("mlp", in_shape=(1, 8), num_classes=10)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="num_classes"):
+        build_model("linear", in_shape=(1, 8, 8), num_classes=0)
     with pytest.raises(ValueError, match="in_shape"):
         build_model("cnn", in_shape=(1, 3, 3), num_classes=10)
     with pytest.raises(ValueError, match="num_classes"):
