@@ -49,25 +49,47 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def final_loss(kind: str, lr: float, seed: int, data: tuple[torch.Tensor, torch.Tensor]
-               ) -> tuple[float, MLBFGS | torch.optim.SGD]:
+def train_softmax_regression(make_optimizer: Any, seed: int,
+                             data: tuple[torch.Tensor, torch.Tensor], *, steps: int,
+                             batch: int | None) -> tuple[float, torch.optim.Optimizer]:
+    """Train softmax regression (``nn.Linear(64, 10)``, seeded init) on the digits for
+    ``steps`` steps and return the full training-set cross-entropy and the optimizer.
+
+    ``batch``: minibatch size, drawn with a generator seeded ``1000 + seed`` (every optimizer
+    sees the same batches); ``None``: every step on the whole set (exact gradients).
+    """
     x, y = data
     torch.manual_seed(seed)
     model = nn.Linear(64, 10)
-    opt: MLBFGS | torch.optim.SGD
-    if kind == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    else:
-        opt = MLBFGS(model.parameters(), blocks=build_blocks(model), lr=lr, update_freq=5)
+    opt = make_optimizer(model)
     gen = torch.Generator().manual_seed(1000 + seed)
     loss_fn = nn.CrossEntropyLoss()
-    for _ in range(STEPS):
-        idx = torch.randint(0, len(x), (BATCH,), generator=gen)
-        opt.zero_grad()
-        loss_fn(model(x[idx]), y[idx]).backward()
-        opt.step()
+    for _ in range(steps):
+        idx = slice(None) if batch is None else torch.randint(0, len(x), (batch,), generator=gen)
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = loss_fn(model(x[idx]), y[idx])
+            loss.backward()
+            return loss
+
+        if isinstance(opt, torch.optim.LBFGS):  # it evaluates the closure itself
+            opt.step(closure)
+        else:
+            closure()
+            opt.step()
     with torch.no_grad():
         return float(loss_fn(model(x), y)), opt
+
+
+def final_loss(kind: str, lr: float, seed: int, data: tuple[torch.Tensor, torch.Tensor]
+               ) -> tuple[float, torch.optim.Optimizer]:
+    def make(model: nn.Module) -> torch.optim.Optimizer:
+        if kind == "sgd":
+            return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+        return MLBFGS(model.parameters(), blocks=build_blocks(model), lr=lr, update_freq=5)
+
+    return train_softmax_regression(make, seed, data, steps=STEPS, batch=BATCH)
 
 
 def test_mlbfgs_reaches_lower_training_loss_than_sgd(
@@ -203,26 +225,7 @@ def full_batch_loss(make_optimizer: Any, seed: int, data: tuple[torch.Tensor, to
                     steps: int = 100) -> float:
     """Training cross-entropy of softmax regression on all 1,797 digits after ``steps``
     full-batch steps (every gradient exact)."""
-    x, y = data
-    torch.manual_seed(seed)
-    model = nn.Linear(64, 10)
-    opt = make_optimizer(model)
-    loss_fn = nn.CrossEntropyLoss()
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        return loss
-
-    for _ in range(steps):
-        if isinstance(opt, torch.optim.LBFGS):
-            opt.step(closure)
-        else:
-            closure()
-            opt.step()
-    with torch.no_grad():
-        return float(loss_fn(model(x), y))
+    return train_softmax_regression(make_optimizer, seed, data, steps=steps, batch=None)[0]
 
 
 def test_plain_lbfgs_settings_collect_the_curvature_of_exact_gradients(
