@@ -198,8 +198,8 @@ def test_global_graft_runs_the_character_lm_end_to_end(tmp_path: Any, one_thread
     the real driver on the character LM: once pairs exist every logged step has the whole
     gradient's length (step_scale 1), no step falls back to SGD, the test loss falls, and the
     run ends elsewhere than the same run with per-block grafting (the flag reaches the step;
-    the maths of the factor is checked against a dense reference in test_optimizer.py and on
-    3 ranks in test_distributed.py)."""
+    the maths of the factor is checked against a dense reference in
+    test_optimizer_reference.py and on 3 ranks in test_distributed.py)."""
     records = _lm_records(tmp_path / "lm_gg", "--clip", "graft-global")
     curved = [r for r in records if r["event"] == "train"   # hg_ratio: NaN before the pairs
               and isinstance(r.get("hg_ratio"), float) and math.isfinite(r["hg_ratio"])]
