@@ -133,6 +133,9 @@ def validate_train_args(args: argparse.Namespace) -> None:
         raise UsageError("--nesterov needs --momentum > 0")
     elif optimizer == "lbfgs" and args.history_size < 1:
         raise UsageError(f"--history-size must be an integer >= 1, got {args.history_size!r}")
+    if optimizer != "lbfgs" and getattr(args, "line_search", "none") != "none":
+        raise UsageError(f"--line-search {args.line_search} needs --optimizer lbfgs, not "
+                         f"{optimizer}")
     if optimizer != "mlbfgs" and getattr(args, "grad_reduce", None) == "reducescatter":
         # The baselines read every gradient on every rank: only an allreduce serves them.
         raise UsageError(f"--grad-reduce reducescatter needs --optimizer mlbfgs (the only one "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Any
 
 from . import cli
 from .comm import GRAD_BACKENDS, GRAD_REDUCE_MODES
@@ -17,6 +18,11 @@ from .data import DATASET_NAMES
 from .models import MODEL_NAMES
 
 OPTIMIZERS = ("mlbfgs", "sgd", "adam", "lbfgs")
+#: ``--line-search`` choices (``--optimizer lbfgs`` only): torch's ``line_search_fn``.
+LINE_SEARCHES = ("none", "strong_wolfe")
+#: Closure evaluations one ``--line-search`` may spend in a step after the step's first
+#: (torch's own cap on a strong-Wolfe search, ``max_ls``).
+LINE_SEARCH_EVALS = 25
 SCHEDULES = ("none", "cosine", "step")
 DEFAULT_LR = {"mlbfgs": 0.1, "sgd": 0.05, "adam": 1e-3, "lbfgs": 0.1}
 NODE_AWARE_CHOICES = {"auto": None, "on": True, "off": False}
@@ -37,6 +43,19 @@ def default_warmup_steps(total_steps: int) -> int:
 
 
 _DEFAULTS = MLBFGSConfig()
+
+
+def lbfgs_search_settings(line_search: str) -> dict[str, Any]:
+    """The ``torch.optim.LBFGS`` param-group entries of ``--line-search``.
+
+    The trainer runs one L-BFGS iteration per batch (``max_iter=1``). torch's default
+    ``max_eval`` for that is 1, which leaves a search no evaluation after the step's first: it
+    could try only ``lr`` and returns a step of 0 when that fails, so a search gets
+    :data:`LINE_SEARCH_EVALS` more.
+    """
+    if line_search == "none":
+        return {"line_search_fn": None, "max_eval": 1}
+    return {"line_search_fn": line_search, "max_eval": 1 + LINE_SEARCH_EVALS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
       help="outer momentum of mlbfgs, momentum of sgd")
     a("--nesterov", action="store_true")
     a("--history-size", type=int, default=_DEFAULTS.history_size)
+    a("--line-search", choices=LINE_SEARCHES, default="none",
+      help="--optimizer lbfgs only: 'strong_wolfe' searches each step's length along the "
+           "L-BFGS direction (torch's line search; several forward/backward passes per "
+           "step, the same on every rank); for full-batch training, with --lr 1. 'none': "
+           "a fixed step of length lr")
     a("--update-freq", type=int, default=_DEFAULTS.update_freq)
     a("--beta-param", type=float, default=_DEFAULTS.beta_param)
     a("--beta-grad", type=float, default=_DEFAULTS.beta_grad)

@@ -15,8 +15,9 @@ training tools follow: **the command line of the resumed run wins; the state con
   lr jumps from about 0 to half its peak), instead of the old plan's lr climbing back from 0.
   :func:`replan_schedule` does it for any schedule the trainer builds, by building the new
   one and stepping it to the current step.
-* **Param-group settings** (``--weight-decay``; ``--momentum``/``--nesterov`` of ``sgd``)
-  are set on the loaded param groups; mL-BFGS hyper-parameters are the new optimizer's.
+* **Param-group settings** (``--weight-decay``; ``--momentum``/``--nesterov`` of ``sgd``;
+  ``--line-search`` of ``lbfgs``, stored by torch as ``line_search_fn``/``max_eval``) are
+  set on the loaded param groups; mL-BFGS hyper-parameters are the new optimizer's.
 * Everything else (checkpointing, logging, device, ...) simply takes the new value.
 """
 
@@ -28,6 +29,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+
+from .options import lbfgs_search_settings
 
 __all__ = ["SettingChange", "config_changes", "replan_schedule", "apply_group_settings",
            "apply_on_resume", "SCHEDULE_KEYS", "GROUP_KEYS", "NOT_COMPARED"]
@@ -133,12 +136,14 @@ def replan_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler,
 
 def apply_group_settings(optimizer: torch.optim.Optimizer, changes: Sequence[SettingChange]
                          ) -> None:
-    """Set changed param-group settings (:data:`GROUP_KEYS`) on every group that has them."""
+    """Set changed param-group settings (:data:`GROUP_KEYS`, and ``--line-search`` as the
+    entries :func:`~mlbfgs_hpc.options.lbfgs_search_settings` gives) on every group that has
+    them: loading a state dict brings back the checkpoint's."""
     for change in changes:
-        if change.key in GROUP_KEYS:
-            for group in optimizer.param_groups:
-                if change.key in group:
-                    group[change.key] = change.new
+        entries = ({change.key: change.new} if change.key in GROUP_KEYS else
+                   lbfgs_search_settings(change.new) if change.key == "line_search" else {})
+        for group in optimizer.param_groups:
+            group.update({k: v for k, v in entries.items() if k in group})
 
 
 def apply_on_resume(saved: Mapping[str, Any], current: Mapping[str, Any], *,
@@ -148,8 +153,8 @@ def apply_on_resume(saved: Mapping[str, Any], current: Mapping[str, Any], *,
                     report: bool) -> list[SettingChange]:
     """What the trainer does right after loading a checkpoint (the rule of this module).
 
-    Logs one warning per changed setting (``report``: rank 0 only), sets changed param-group
-    settings, and re-plans the LR schedule when a schedule setting changed and the run is not
+    Logs one warning per changed setting (``report``: rank 0 only), sets changed (and
+    unrecorded) param-group settings, and re-plans the LR schedule when a schedule setting changed and the run is not
     over yet.
 
     Args:
@@ -173,7 +178,10 @@ def apply_on_resume(saved: Mapping[str, Any], current: Mapping[str, Any], *,
         if unrecorded:
             logger.info("settings the checkpoint did not record (added since it was "
                         "written): %s", ", ".join(unrecorded))
-    apply_group_settings(optimizer, changes)
+    # A setting added since the checkpoint was written has nothing to compare with, but the
+    # command line still wins: its param-group entries are this run's, not the loaded ones.
+    added = [SettingChange(key=key, old=None, new=current[key]) for key in unrecorded]
+    apply_group_settings(optimizer, [*changes, *added])
     if (scheduler is not None and step < total_steps
             and any(c.key in SCHEDULE_KEYS for c in changes)):
         before = optimizer.param_groups[0]["lr"]

@@ -38,7 +38,8 @@ from .data import DatasetSplit, GlobalBatchSampler, load_dataset, shard_bounds
 from .device import resolve_device
 from .models import SEQUENCE_MODELS, build_model
 from .optimizer import MLBFGS
-from .options import DEFAULT_LR, NODE_AWARE_CHOICES, build_parser, default_warmup_steps
+from .options import (DEFAULT_LR, NODE_AWARE_CHOICES, build_parser, default_warmup_steps,
+                      lbfgs_search_settings)
 from .rundir import RunDirBusyError, hold_run_dir
 from .seeding import seed_everything
 from .signals import EXIT_OK, EXIT_REQUEUE, StopRequest, process_age_seconds
@@ -189,9 +190,10 @@ class Trainer:
                                    nesterov=a.nesterov, weight_decay=a.weight_decay)
         if a.optimizer == "adam":
             return torch.optim.Adam(params, lr=self.lr, weight_decay=a.weight_decay)
-        # Stochastic L-BFGS: one iteration per minibatch, fixed step, no line search.
-        return torch.optim.LBFGS(params, lr=self.lr, max_iter=1,
-                                 history_size=a.history_size, line_search_fn=None)
+        # One L-BFGS iteration per batch: a fixed step of length lr, or (--line-search) the
+        # length torch's strong-Wolfe search finds, starting from lr.
+        return torch.optim.LBFGS(params, lr=self.lr, max_iter=1, history_size=a.history_size,
+                                 **lbfgs_search_settings(a.line_search))
 
     def _build_scheduler(self, optimizer: torch.optim.Optimizer | None = None
                          ) -> torch.optim.lr_scheduler.LRScheduler | None:
@@ -340,6 +342,9 @@ class Trainer:
         sum and number of correct predictions."""
         x, y = self.train_set.x[idx], self.train_set.y[idx].reshape(-1)
         scale = self.comm.size / global_targets
+        # What torch will use: the param group's entry (a resume may have changed it).
+        line_search = self.optimizer.param_groups[0].get("line_search_fn") is not None
+        first: list[tuple[float, float]] = []  # the step's metrics: at its starting point
 
         def closure() -> torch.Tensor:
             self.optimizer.zero_grad(set_to_none=False)
@@ -350,8 +355,15 @@ class Trainer:
             if self.reducer is not None:
                 self.reducer.synchronize()
             # detach(): float() of a tensor that requires grad warns on every step.
-            correct = float((out.argmax(1) == y).sum())
-            closure.last = (float(loss_sum.detach()), correct)  # type: ignore[attr-defined]
+            local = float(loss_sum.detach())
+            if not first:
+                first.append((local, float((out.argmax(1) == y).sum())))
+            if line_search:
+                # The search compares losses: every rank must see the global batch's loss,
+                # bitwise the same (summed in rank order), or the ranks would take different
+                # decisions and different numbers of collectives.
+                total = float(self.comm.allgather_scalars([local]).sum(axis=0)[0])
+                return torch.tensor(total / global_targets, dtype=loss_sum.dtype)
             return loss_sum.detach() * scale
 
         if isinstance(self.optimizer, torch.optim.LBFGS):
@@ -359,7 +371,7 @@ class Trainer:
         else:
             closure()
             self.optimizer.step()
-        return closure.last  # type: ignore[attr-defined]
+        return first[0]
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
@@ -400,6 +412,10 @@ class Trainer:
         if isinstance(self.optimizer, MLBFGS):
             return {**{k: v for k, v in self.optimizer.counters.items() if k != "step"},
                     **self.optimizer.diagnostics}
+        if isinstance(self.optimizer, torch.optim.LBFGS):
+            # Forward/backward passes so far: more than one per step with a line search.
+            state = self.optimizer.state[self.optimizer.param_groups[0]["params"][0]]
+            return {"func_evals": int(state.get("func_evals", 0))}
         return {}
 
     def _progress_bar(self) -> Any:

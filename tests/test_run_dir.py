@@ -313,6 +313,7 @@ def test_busy_run_dir_under_mpirun_every_rank_stops_rank_0_reports(tmp_path: Pat
     (["--steps", "0"], "--steps must be an integer >= 1"),
     (["--data-root", "/nonexistent/fmnist"], "--data-root /nonexistent/fmnist: no such directory"),
     (["--model", "nope"], "argument --model: invalid choice: 'nope'"),
+    (["--line-search", "strong_wolfe"], "--line-search strong_wolfe needs --optimizer lbfgs"),
 ])
 def test_bad_flag_value_is_one_line_and_exit_2(flags: list[str], named: str,
                                                tmp_path: Path) -> None:
