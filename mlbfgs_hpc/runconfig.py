@@ -154,8 +154,8 @@ def apply_on_resume(saved: Mapping[str, Any], current: Mapping[str, Any], *,
     """What the trainer does right after loading a checkpoint (the rule of this module).
 
     Logs one warning per changed setting (``report``: rank 0 only), sets changed (and
-    unrecorded) param-group settings, and re-plans the LR schedule when a schedule setting changed and the run is not
-    over yet.
+    unrecorded) param-group settings, and re-plans the LR schedule when a schedule setting
+    changed and the run is not over yet.
 
     Args:
         saved: the configuration stored in the checkpoint.
