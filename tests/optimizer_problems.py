@@ -1,6 +1,6 @@
 """Small problems shared by the optimizer tests (``test_optimizer*.py``): a quadratic over
 parameter tensors with seeded gradient noise, and a tiny tanh MLP with fixed batches and the
-optimizer/scheduler pair the checkpoint and counter tests train it with."""
+optimizer/scheduler pair the checkpoint tests train it with."""
 
 from __future__ import annotations
 
