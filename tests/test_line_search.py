@@ -4,8 +4,9 @@ The search must actually search (more than one forward/backward pass per step, a
 than the fixed step of the same length in the same number of steps), and on 2 ranks it must
 take the decisions 1 process takes: every rank compares the global batch's loss. A rank-local
 loss makes the ranks disagree on the number of evaluations, and the run hangs until its
-timeout (checked once by hand: its metrics stopped at step 5). Resuming with another
-``--line-search`` switches it: loading torch's state dict would bring the checkpoint's back.
+timeout (checked once by hand: its metrics stopped at step 5). A run resumed with the search
+continues bit for bit; one resumed with another ``--line-search`` switches it (loading
+torch's state dict would bring the checkpoint's back).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from mlbfgs_hpc import runconfig
 from mlbfgs_hpc.options import LINE_SEARCH_EVALS
-from tests.train_runs import read_metrics, run_training
+from tests.train_runs import assert_same_final_state, read_metrics, run_training
 
 #: Softmax regression on the whole digits training split (1,436 of 1,437 images, so that
 #: 2 ranks share the global batch evenly): a deterministic, convex objective.
@@ -86,3 +87,14 @@ def test_a_run_resumed_with_the_search_searches(tmp_path: Path) -> None:
     evals = {int(r["step"]): int(r["func_evals"]) for r in records}
     assert evals[20] == 20                        # the fixed-step part: one per step
     assert evals[40] - evals[20] >= 2 * 20, evals  # then the search's
+
+
+@pytest.mark.timeout(300)
+def test_a_searched_run_resumes_bit_for_bit(tmp_path: Path) -> None:
+    """torch's L-BFGS state (history, the last step's length and direction, the evaluation
+    count) goes through the checkpoint: 20 + 20 steps equal 40 straight."""
+    search = ("--line-search", "strong_wolfe")
+    full_batch_run(tmp_path, "straight", *search, "--checkpoint-every", "40")
+    full_batch_run(tmp_path, "resumed", *search, "--steps", "20", "--checkpoint-every", "20")
+    full_batch_run(tmp_path, "resumed", *search, "--checkpoint-every", "20")
+    assert_same_final_state(tmp_path / "straight", tmp_path / "resumed")
