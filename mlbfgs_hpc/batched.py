@@ -26,6 +26,19 @@ never straddle two blocks::
     grafting         (n_pad,)   one multiply by the blocks' factors (index_select to chunks)
     d out            (n,)       one _foreach_copy_ out
 
+A block of :data:`DIRECT_MIN_NUMEL` elements or more is *direct*: its H·g is the compact form's
+two GEMVs over its own ``(2m, n)`` history view (one product of g with [S; Ŷ], one back),
+and the chunked products skip its chunks (they run over the runs of chunks between direct
+blocks). One GEMV streams a big block's history faster than its chunks' small products
+(BENCHMARKS.md §2.1: the CNN's 401,536-parameter block), and a big block's few extra calls
+cost nothing against its own memory traffic. The scalars and grafting still cover every
+chunk, direct blocks included::
+
+    blocks:   | b0 (300) | b1 (200,000: direct)          | b2 (40) |
+    chunks:   | c0       | c1 | c2 | …            | c98  | c99     |
+    H·g:      bmm over c0  | mv, addmv on b1's view      | bmm over c99
+    scalars:  one bmm over c0 … c99 (every block)
+
 Each block's ``W`` is the one :func:`~mlbfgs_hpc.curvature.compact_middle_matrix` builds,
 embedded in a ``2m × 2m`` matrix (rows/columns of empty slots zero). A block without pairs has
 ``W = 0`` and ``γ = 1``, so the same kernels leave its ``d = g``; a block whose ``W`` is not
@@ -55,6 +68,20 @@ CHUNK_SIZES: tuple[int, ...] = tuple(2 ** k for k in range(8, 15))   # 256 … 1
 #: product costs ~1–2 µs of fixed overhead, the time to stream ~500 columns of a 20-row
 #: history (BENCHMARKS.md §2, 2026-12-02).
 CHUNK_OVERHEAD_COLUMNS = 512
+#: On a CPU, blocks of at least this many elements take H·g by their own two GEMVs ("direct",
+#: see the module docstring) instead of the chunked products. Measured on the reference CPU
+#: (BENCHMARKS.md §2.1, one block beside a small one, m = 10): level up to 65,536 elements,
+#: the GEMVs 1.3× faster at 131,072 and 1.6× at 262,144, once the history outgrows the cache.
+DIRECT_MIN_NUMEL = 2 ** 17
+#: Off (no block is that large): the GPU path stays all-chunked until measured on a GPU.
+NO_DIRECT = 2 ** 62
+
+
+def direct_min_numel_for(device: torch.device) -> int:
+    """The direct-block threshold for blocks on ``device`` (:data:`DIRECT_MIN_NUMEL` on a
+    CPU; :data:`NO_DIRECT` elsewhere: the GEMVs of a very wide history have not been timed
+    against the chunked products on a GPU)."""
+    return DIRECT_MIN_NUMEL if device.type == "cpu" else NO_DIRECT
 #: Columns of :meth:`BatchedCurvature.precondition_`'s result, one row per block.
 SCALAR_COLUMNS: tuple[str, ...] = ("g_sq", "g_dot_d", "d_dot_g", "d_sq", "gamma")
 
@@ -71,16 +98,21 @@ class RingTotals:
     tau_count: int = 0
 
 
-def choose_chunk(block_numels: Sequence[int]) -> int:
+def choose_chunk(block_numels: Sequence[int], *,
+                 direct_min_numel: int = DIRECT_MIN_NUMEL) -> int:
     """The chunk size for a model whose blocks have these sizes: the one of
     :data:`CHUNK_SIZES` that minimises padded columns + :data:`CHUNK_OVERHEAD_COLUMNS` × chunks
     (ties: the smaller). Pass *all* the model's blocks, not a rank's, so that a block is cut
     into the same chunks, and so summed in the same order, on any number of ranks.
 
     Few big blocks get big chunks (fewer calls), many small blocks small ones (less padding).
+    Direct blocks (``>= direct_min_numel``) do not run the chunked H·g, so they do not count,
+    unless every block is direct.
     """
     if not block_numels:
         return CHUNK_SIZES[0]
+    chunked = [n for n in block_numels if n < direct_min_numel]
+    block_numels = chunked or list(block_numels)
 
     def cost(chunk: int) -> int:
         chunks = sum(math.ceil(n / chunk) for n in block_numels)
@@ -98,18 +130,25 @@ class BatchedCurvature:
         block_numels: sizes of the owned blocks in flat order (they sum to ``n``).
         history_size: ring capacity m.
         chunk: columns per chunk (:func:`choose_chunk` of the model's blocks).
+        direct_min_numel: blocks this large or larger take H·g by their own GEMVs
+            (default: :func:`direct_min_numel_for` the gradient's device). Give
+            :func:`choose_chunk` the same value.
 
     Raises:
         ValueError: bad sizes, or buffers that do not match ``block_numels``.
     """
 
     def __init__(self, *, grad: torch.Tensor, direction: torch.Tensor,
-                 block_numels: Sequence[int], history_size: int, chunk: int) -> None:
+                 block_numels: Sequence[int], history_size: int, chunk: int,
+                 direct_min_numel: int | None = None) -> None:
+        if direct_min_numel is None:
+            direct_min_numel = direct_min_numel_for(grad.device)
         numels = [int(n) for n in block_numels]
         if any(n < 1 for n in numels):
             raise ValueError(f"block sizes must be >= 1, got {numels}")
-        if history_size < 1 or chunk < 1:
-            raise ValueError(f"history_size and chunk must be >= 1, got {history_size}, {chunk}")
+        if history_size < 1 or chunk < 1 or direct_min_numel < 1:
+            raise ValueError(f"history_size, chunk and direct_min_numel must be >= 1, got "
+                             f"{history_size}, {chunk}, {direct_min_numel}")
         n = sum(numels)
         for name, buf in (("grad", grad), ("direction", direction)):
             if buf.dim() != 1 or buf.numel() != n:
@@ -143,6 +182,7 @@ class BatchedCurvature:
         self._ring_gamma = torch.ones(b_count, **kw)
         self.curved: list[int] = []
         self.two_loop_blocks: list[int] = []
+        self._curved_direct: set[int] = set()
         self.ring_totals = RingTotals()
         # Padded g (row 0) and d (row 1): [g; d] of a chunk is one (2, C) matrix.
         self._gd = torch.zeros(2, n_pad, **kw)
@@ -157,6 +197,20 @@ class BatchedCurvature:
         self._history_chunks_t = self._history_chunks.transpose(1, 2)
         self._g_chunks = g_pad.view(nch, 1, chunk)
         self._d_chunks = d_pad.view(nch, 1, chunk)
+        # Direct blocks: their (2m, n) history views; the chunked H·g runs over the maximal
+        # runs of chunks between them, as (first chunk, end chunk) pairs.
+        self.direct_blocks = [k for k, k_n in enumerate(numels) if k_n >= direct_min_numel]
+        self._direct_history = {k: self._history[:, pad_starts[k]:pad_starts[k] + numels[k]]
+                                for k in self.direct_blocks}
+        first_chunk = [sum(chunks_per_block[:k]) for k in range(b_count)]
+        self._chunk_runs: list[tuple[int, int]] = []
+        run_start = 0
+        for k in [*self.direct_blocks, b_count]:
+            end = first_chunk[k] if k < b_count else nch
+            if end > run_start:
+                self._chunk_runs.append((run_start, end))
+            if k < b_count:
+                run_start = end + chunks_per_block[k]
         self._gd_chunks = self._gd.view(2, nch, chunk).permute(1, 0, 2)
         self._proj_chunks = torch.zeros(nch, 1, 2 * m, **kw)
         self._proj = torch.zeros(b_count, 1, 2 * m, **kw)
@@ -167,6 +221,11 @@ class BatchedCurvature:
         self._scalars = torch.zeros(b_count, len(SCALAR_COLUMNS), **kw)
         self._factor = torch.ones(b_count, **kw)
         self._factor_chunks = torch.zeros(nch, **kw)
+        # The chunked H·g's operands per run of chunks (views made once, not per step).
+        self._runs = [(self._g_chunks[a:b], self._history_chunks_t[a:b],
+                       self._proj_chunks[a:b], self._gamma_chunks[a:b].view(-1, 1, 1),
+                       self._d_chunks[a:b], self._coeff_chunks[a:b].view(-1, 1, 2 * m),
+                       self._history_chunks[a:b]) for a, b in self._chunk_runs]
 
     # ---- operator refresh (after pairs are offered or a state is loaded) -----------------
     def refresh(self) -> None:
@@ -179,6 +238,7 @@ class BatchedCurvature:
             rejected=sum(int(c.rejected) for c in self.blocks),
             tau_sum=sum(taus), tau_count=len(taus))
         self.curved, self.two_loop_blocks = [], []
+        self._curved_direct: set[int] = set()   # direct blocks that take the GEMVs
         self._middle.zero_()
         self._gamma.fill_(1.0)
         for k, curv in enumerate(self.blocks):
@@ -190,6 +250,8 @@ class BatchedCurvature:
             if w is None:          # W not finite: the two-loop runs on this block's slice
                 self.two_loop_blocks.append(k)
                 continue
+            if k in self._direct_history:
+                self._curved_direct.add(k)
             r = w.shape[0] // 2
             target = self._middle[k]
             target[:r, :r].copy_(w[:r, :r])
@@ -212,14 +274,27 @@ class BatchedCurvature:
             torch._foreach_copy_(self._g_views, self._grad_views)
         if self.curved:
             m2 = 2 * self.history_size
-            torch.bmm(self._g_chunks, self._history_chunks_t, out=self._proj_chunks)
+            # Direct blocks' chunk rows stay zero: their projections come from one GEMV each.
+            for g_run, hist_t_run, proj_run, *_ in self._runs:
+                torch.bmm(g_run, hist_t_run, out=proj_run)
             self._segment_sum_(self._proj.view(-1, m2), self._proj_chunks.view(-1, m2))
+            for k in self.direct_blocks:
+                if k not in self._curved_direct:
+                    continue
+                torch.mv(self._direct_history[k], self._g_views[k], out=self._proj[k, 0])
             torch.bmm(self._proj, self._middle_t, out=self._coeff)
             torch.index_select(self._coeff.view(-1, m2), 0, self._chunk_block,
                                out=self._coeff_chunks)
             torch.index_select(self._gamma, 0, self._chunk_block, out=self._gamma_chunks)
-            torch.mul(self._g_chunks, self._gamma_chunks.view(-1, 1, 1), out=self._d_chunks)
-            self._d_chunks.baddbmm_(self._coeff_chunks.view(-1, 1, m2), self._history_chunks)
+            for g_run, _, _, gamma_run, d_run, coeff_run, hist_run in self._runs:
+                torch.mul(g_run, gamma_run, out=d_run)
+                d_run.baddbmm_(coeff_run, hist_run)
+            for k in self.direct_blocks:
+                if k in self._curved_direct:     # d = γ·g + [S; Ŷ]ᵀ·c, c = W·proj
+                    torch.mul(self._g_views[k], self._gamma[k], out=self._d_views[k])
+                    self._d_views[k].addmv_(self._direct_history[k].t(), self._coeff[k, 0])
+                else:                            # no pairs, or the two-loop below
+                    self._d_views[k].copy_(self._g_views[k])
             for k in self.two_loop_blocks:
                 self.blocks[k].two_loop_(self._d_views[k])
         else:

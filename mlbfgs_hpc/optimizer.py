@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .batched import BatchedCurvature, choose_chunk, scalar_rows
+from .batched import BatchedCurvature, choose_chunk, direct_min_numel_for, scalar_rows
 from .blocks import ParamBlock, blocks_from_parameters, check_blocks_cover
 from .comm import (GRAD_BACKENDS, GRAD_REDUCE_MODES, GradBackend, GradientReducer, GradReduce,
                    LocalCommunicator, tensor_digest)
@@ -231,11 +231,13 @@ class MLBFGS(torch.optim.Optimizer):
         self._owned_params = owned_params
         # One history for all owned blocks; each block's ring is a BlockCurvature over its
         # columns (pairs, W, checkpoints), H·g runs batched over all of them.
+        direct = direct_min_numel_for(self._device)
         self._batched = BatchedCurvature(
             grad=self._grad, direction=self._direction,
             block_numels=[self.blocks[b].numel for b in self.owned_blocks],
             history_size=self.config.history_size,
-            chunk=choose_chunk([block.numel for block in self.blocks]))
+            chunk=choose_chunk([block.numel for block in self.blocks], direct_min_numel=direct),
+            direct_min_numel=direct)
         self._curvature: dict[int, BlockCurvature] = dict(zip(self.owned_blocks,
                                                               self._batched.blocks))
         self._segments = segments

@@ -19,10 +19,16 @@ import math
 import pytest
 import torch
 
-from mlbfgs_hpc.batched import (CHUNK_SIZES, SCALAR_COLUMNS, BatchedCurvature, choose_chunk,
-                                scalar_rows)
+from torch import nn
+
+import mlbfgs_hpc.batched as batched_module
+import mlbfgs_hpc.optimizer as optimizer_module
+from mlbfgs_hpc.batched import (CHUNK_SIZES, DIRECT_MIN_NUMEL, NO_DIRECT, SCALAR_COLUMNS,
+                                BatchedCurvature, choose_chunk, scalar_rows)
+from mlbfgs_hpc.blocks import build_blocks
 from mlbfgs_hpc.config import MLBFGSConfig
 from mlbfgs_hpc.curvature import CURVATURE_STATE_KEYS, BlockCurvature
+from mlbfgs_hpc.optimizer import MLBFGS
 
 F64, F32 = torch.float64, torch.float32
 CPU = torch.device("cpu")
@@ -33,6 +39,9 @@ SIZES = (7, 300, 64, 1, 129, 50)
 FILLS = ("empty", "wrapped", "rejected", "one", "singular", "full")
 #: float32 cannot hold a ρ that makes W overflow in float64 yet keeps the two-loop finite.
 FILLS_32 = tuple("full" if f == "singular" else f for f in FILLS)
+#: Direct-path thresholds: none; blocks 1 and 4 (300: wrapped, 129: singular or full), so the
+#: chunked products run over three runs of chunks between them; every block.
+DIRECT = (NO_DIRECT, 100, 1)
 
 
 def _pair(n: int, gen: torch.Generator, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,14 +75,15 @@ def _fill(curv: BlockCurvature, fill: str, gen: torch.Generator) -> None:
 
 
 def _build(sizes: tuple[int, ...], fills: tuple[str, ...], dtype: torch.dtype, *, seed: int,
-           chunk: int) -> tuple[BatchedCurvature, list[BlockCurvature], torch.Tensor,
-                                torch.Tensor]:
-    """A batched curvature and, per block, a reference BlockCurvature with the same ring."""
+           chunk: int, direct: int = NO_DIRECT
+           ) -> tuple[BatchedCurvature, list[BlockCurvature], torch.Tensor, torch.Tensor]:
+    """A batched curvature and, per block, a reference BlockCurvature with the same ring;
+    blocks of ``direct`` elements or more take the direct (GEMV) path."""
     n = sum(sizes)
     grad = torch.zeros(n, dtype=dtype)
     direction = torch.zeros(n, dtype=dtype)
     batched = BatchedCurvature(grad=grad, direction=direction, block_numels=sizes,
-                               history_size=M, chunk=chunk)
+                               history_size=M, chunk=chunk, direct_min_numel=direct)
     refs = []
     for k, (size, fill) in enumerate(zip(sizes, fills)):
         ref = BlockCurvature(numel=size, history_size=M, dtype=dtype, device=CPU)
@@ -112,9 +122,12 @@ def test_fixtures_cover_every_ring_state() -> None:
     assert batched.two_loop_blocks == [FILLS.index("singular")]
 
 
+@pytest.mark.parametrize("direct", DIRECT)
 @pytest.mark.parametrize("chunk", [16, 64, 512])
-def test_batched_equals_per_block_float64(chunk: int) -> None:
-    batched, refs, grad, direction = _build(SIZES, FILLS, F64, seed=1, chunk=chunk)
+def test_batched_equals_per_block_float64(chunk: int, direct: int) -> None:
+    batched, refs, grad, direction = _build(SIZES, FILLS, F64, seed=1, chunk=chunk,
+                                            direct=direct)
+    assert batched.direct_blocks == [k for k, n in enumerate(SIZES) if n >= direct]
     scalars = batched.precondition_().clone()
     batched.write_direction_()
     expected = _reference(refs, grad)
@@ -131,8 +144,10 @@ def test_batched_equals_per_block_float64(chunk: int) -> None:
     assert torch.equal(_blocks(direction, SIZES)[empty], _blocks(grad, SIZES)[empty])
 
 
-def test_batched_equals_per_block_float32_to_rounding() -> None:
-    batched, refs, grad, direction = _build(SIZES, FILLS_32, F32, seed=2, chunk=64)
+@pytest.mark.parametrize("direct", DIRECT)
+def test_batched_equals_per_block_float32_to_rounding(direct: int) -> None:
+    batched, refs, grad, direction = _build(SIZES, FILLS_32, F32, seed=2, chunk=64,
+                                            direct=direct)
     batched.precondition_()
     batched.write_direction_()
     for k, (got, want) in enumerate(zip(_blocks(direction, SIZES), _reference(refs, grad))):
@@ -141,10 +156,12 @@ def test_batched_equals_per_block_float32_to_rounding() -> None:
         assert float((got - want).abs().max()) <= bound, (k, FILLS_32[k])
 
 
-def test_bitwise_repeatable_and_independent_of_the_other_blocks() -> None:
+@pytest.mark.parametrize("direct", DIRECT)
+def test_bitwise_repeatable_and_independent_of_the_other_blocks(direct: int) -> None:
     """Run twice: identical bits. Blocks 2..4 held alone (as another rank would) give the
-    bits they give when held with all others (same chunk size)."""
-    batched, _, grad, direction = _build(SIZES, FILLS_32, F32, seed=3, chunk=64)
+    bits they give when held with all others (same chunk size and direct threshold)."""
+    batched, _, grad, direction = _build(SIZES, FILLS_32, F32, seed=3, chunk=64,
+                                         direct=direct)
     first = batched.precondition_().clone()
     batched.write_direction_()
     d_first = direction.clone()
@@ -154,7 +171,7 @@ def test_bitwise_repeatable_and_independent_of_the_other_blocks() -> None:
 
     part = slice(2, 5)
     sub, _, sub_grad, sub_direction = _build(SIZES[part], FILLS_32[part], F32, seed=3 + 2,
-                                             chunk=64)
+                                             chunk=64, direct=direct)
     start = sum(SIZES[:2])
     sub_grad.copy_(grad[start:start + sub_grad.numel()])
     for k in range(3):     # same rings as the full run's blocks 2..4 (same seeds)
@@ -166,9 +183,10 @@ def test_bitwise_repeatable_and_independent_of_the_other_blocks() -> None:
     assert torch.equal(sub_direction, d_first[start:start + sub_direction.numel()])
 
 
-def test_segment_reduce_sums_equal_index_add_sums() -> None:
+@pytest.mark.parametrize("direct", DIRECT)
+def test_segment_reduce_sums_equal_index_add_sums(direct: int) -> None:
     """The non-CPU reduction (segment_reduce, no atomics) gives the CPU one's results."""
-    batched, _, _, _ = _build(SIZES, FILLS_32, F32, seed=7, chunk=64)
+    batched, _, _, _ = _build(SIZES, FILLS_32, F32, seed=7, chunk=64, direct=direct)
     via_index_add = batched.precondition_().clone()
     batched.index_add_sums = False
     via_segments = batched.precondition_().clone()
@@ -176,8 +194,9 @@ def test_segment_reduce_sums_equal_index_add_sums() -> None:
     assert torch.equal(batched.precondition_(), via_segments)
 
 
-def test_graft_rescales_each_block_and_falls_back_to_the_gradient() -> None:
-    batched, _, grad, direction = _build(SIZES, FILLS, F64, seed=4, chunk=64)
+@pytest.mark.parametrize("direct", DIRECT)
+def test_graft_rescales_each_block_and_falls_back_to_the_gradient(direct: int) -> None:
+    batched, _, grad, direction = _build(SIZES, FILLS, F64, seed=4, chunk=64, direct=direct)
     batched.precondition_()
     batched.write_direction_()
     before = _blocks(direction.clone(), SIZES)
@@ -206,9 +225,11 @@ def test_graft_scale_beyond_float32_takes_the_gradient() -> None:
     assert torch.isfinite(direction).all()
 
 
-def test_no_curvature_gives_the_gradient() -> None:
+@pytest.mark.parametrize("direct", DIRECT)
+def test_no_curvature_gives_the_gradient(direct: int) -> None:
     sizes = (5, 40)
-    batched, _, grad, direction = _build(sizes, ("empty", "empty"), F32, seed=5, chunk=16)
+    batched, _, grad, direction = _build(sizes, ("empty", "empty"), F32, seed=5, chunk=16,
+                                         direct=direct)
     assert batched.curved == []
     rows = scalar_rows(batched.precondition_().tolist())
     batched.write_direction_()
@@ -246,12 +267,18 @@ def test_choose_chunk() -> None:
     best = choose_chunk(sizes)
     cost = {c: sum(math.ceil(n / c) for n in sizes) * (c + 512) for c in CHUNK_SIZES}
     assert cost[best] == min(cost.values())
+    # Direct blocks run no chunked products, so they do not pull the chunk up...
+    assert choose_chunk([320, 18_496, 401_536, 1_290], direct_min_numel=2 ** 17) == \
+        choose_chunk([320, 18_496, 1_290])
+    # ...unless every block is direct.
+    assert choose_chunk([400_000], direct_min_numel=2 ** 17) == CHUNK_SIZES[-1]
 
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"block_numels": [3, 0]}, "block sizes"),
     ({"history_size": 0}, "history_size"),
     ({"chunk": 0}, "chunk"),
+    ({"direct_min_numel": 0}, "direct_min_numel"),
     ({"block_numels": [3, 3]}, "grad must be a flat tensor of 6"),
 ])
 def test_argument_checks(kwargs: dict, match: str) -> None:
@@ -259,3 +286,38 @@ def test_argument_checks(kwargs: dict, match: str) -> None:
             "history_size": 2, "chunk": 4, **kwargs}
     with pytest.raises(ValueError, match=match):
         BatchedCurvature(**args)
+
+
+def _trained_wide_mlp(monkeypatch: pytest.MonkeyPatch, *, direct: bool
+                      ) -> tuple[list[torch.Tensor], MLBFGS]:
+    """20 steps of a 2-layer MLP whose first weight (600 × 256 = 153,600) is a direct block
+    on a CPU, with the direct path on or forced off."""
+    if not direct:
+        monkeypatch.setattr(batched_module, "direct_min_numel_for", lambda device: NO_DIRECT)
+        monkeypatch.setattr(optimizer_module, "direct_min_numel_for", lambda device: NO_DIRECT)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 600), nn.Tanh(), nn.Linear(600, 3))
+    opt = MLBFGS(model.parameters(), blocks=build_blocks(model), lr=0.05, history_size=3,
+                 update_freq=2)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        x, y = torch.randn(32, 256, generator=gen), torch.randn(32, 3, generator=gen)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()], opt
+
+
+def test_optimizer_takes_the_direct_path_for_a_big_block_and_steps_the_same(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU a block of >= DIRECT_MIN_NUMEL elements takes the GEMVs, the others the
+    chunked products; 20 steps with pairs end where the all-chunked step ends (float32)."""
+    assert 600 * 256 >= DIRECT_MIN_NUMEL > 600
+    direct_params, direct_opt = _trained_wide_mlp(monkeypatch, direct=True)
+    assert direct_opt._batched.direct_blocks == [0]
+    assert direct_opt.counters["accepted_pairs"] > 0
+    with monkeypatch.context() as patch:
+        chunked_params, chunked_opt = _trained_wide_mlp(patch, direct=False)
+    assert chunked_opt._batched.direct_blocks == []
+    for got, want in zip(direct_params, chunked_params):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

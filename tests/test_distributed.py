@@ -40,6 +40,9 @@ RUNS = {  # name: (ranks, extra args); 0 ranks = plain python, no launcher
     # One step length for the whole direction: its factor needs every rank's block norms.
     "single_gg": (0, ["--clip", "graft-global"]),
     "p3_gg": (3, ["--clip", "graft-global", "--backend", "mpi"]),
+    # The middle block (792 elements) on the direct (GEMV) H·g path, owned by rank 1 of 3.
+    "single_di": (0, ["--direct-min-numel", "600"]),
+    "p3_di": (3, ["--direct-min-numel", "600", "--backend", "mpi"]),
     # The default gradient path is the reduce-scatter (node-aware off on one host); the others
     # in one job: the allreduce, and the node-aware collectives forced on (one host: the
     # intra-host steps alone, with an inter-host step among one leader).
@@ -107,6 +110,21 @@ def test_option_on_p_ranks_equals_single_process(runs: dict[str, Path], variant:
     single = _records(runs[f"single_{variant}"])[0]["counters"]
     for record in _records(runs[f"p3_{variant}"]):
         assert record["counters"]["accepted_pairs"] == single["accepted_pairs"] > 0
+
+
+def test_direct_block_on_p_ranks_equals_single_process_and_the_chunked_step(
+        runs: dict[str, Path]) -> None:
+    """A block on the direct (GEMV) path steps on 3 ranks as in one process, and as the
+    all-chunked step does (the same operator: float64 rounding apart)."""
+    assert [r["direct_blocks"] for r in _records(runs["single_di"])] == [[1]]
+    assert sorted(b for r in _records(runs["p3_di"]) for b in r["direct_blocks"]) == [1]
+    assert all(r["direct_blocks"] == [] for r in _records(runs["single"]))
+    direct = _params(runs["single_di"])
+    assert_same_params(direct, _params(runs["p3_di"]), atol=ATOL)
+    assert_same_params(_params(runs["single"]), direct, atol=ATOL)
+    single = _records(runs["single"])[0]["counters"]
+    assert _records(runs["single_di"])[0]["counters"]["accepted_pairs"] == \
+        single["accepted_pairs"] > 0
 
 
 def test_horovod_reduce_scatter_starts_in_the_hooks_unless_told_not_to(

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+import mlbfgs_hpc.optimizer as optimizer_module
 from mlbfgs_hpc import MLBFGS, build_blocks, init_communicator
 from mlbfgs_hpc.config import MLBFGSConfig
 
@@ -42,7 +43,13 @@ def main() -> None:
     parser.add_argument("--nan-step", type=int, default=-1, help="poison rank 1's data here")
     parser.add_argument("--raise-on-rank", type=int, default=-1)
     parser.add_argument("--dtype", default="float64")
+    parser.add_argument("--direct-min-numel", type=int, default=None,
+                        help="blocks this large take the direct (GEMV) H·g, in place of the "
+                             "CPU's 2**17 (the worker's blocks are 544, 792 and 100)")
     args = parser.parse_args()
+    if args.direct_min_numel is not None:
+        threshold = args.direct_min_numel
+        optimizer_module.direct_min_numel_for = lambda device: threshold
     comm = init_communicator()
     if args.variants is None:
         train(args, comm, args.backend, args.grad_reduce, args.node_aware, Path(args.out),
@@ -69,6 +76,8 @@ def train(args: argparse.Namespace, comm: Any, backend: str, grad_reduce: str, n
                        grad_reduce=grad_reduce, double_damping=args.double_damping, clip=args.clip,
                        node_aware={"auto": None, "on": True, "off": False}[node],
                        grad_overlap=overlap)
+    # Model block ids of this rank's direct blocks (the batched object counts owned blocks).
+    direct_blocks = [optimizer.owned_blocks[k] for k in optimizer._batched.direct_blocks]
     timings: list[float] = []
     for step in range(args.steps):
         if step == 3 and comm.rank == args.raise_on_rank:
@@ -98,6 +107,7 @@ def train(args: argparse.Namespace, comm: Any, backend: str, grad_reduce: str, n
         "runs_sent_during_backward": (optimizer._reducer.runs_sent_during_backward
                                       if optimizer._reducer is not None else None),
         "owned_blocks": list(optimizer.owned_blocks),
+        "direct_blocks": direct_blocks,
         "state_numel": {str(b): {k: v.numel() for k, v in optimizer.block_state(b).items()}
                         for b in optimizer.owned_blocks},
         "state_bytes": optimizer.optimizer_state_bytes(),
