@@ -29,9 +29,11 @@ never straddle two blocks::
 A block of :data:`DIRECT_MIN_NUMEL` elements or more is *direct*: its H·g is the compact form's
 two GEMVs over its own ``(2m, n)`` history view (one product of g with [S; Ŷ], one back),
 and the chunked products skip its chunks (they run over the runs of chunks between direct
-blocks). One GEMV streams a big block's history faster than its chunks' small products
-(BENCHMARKS.md §2.1: the CNN's 401,536-parameter block), and a big block's few extra calls
-cost nothing against its own memory traffic. The scalars and grafting still cover every
+blocks). One GEMV streams a big block's history at least as fast as the largest chunks, and
+faster than chunks of the size the model's small blocks want; taking the big block out of
+the chunking lets those get small chunks (BENCHMARKS.md §2.1: the CNN, whose 401,536-element
+block had pulled C up to 8,192). A big block's few extra calls cost nothing against its own
+memory traffic. The scalars and grafting still cover every
 chunk, direct blocks included::
 
     blocks:   | b0 (300) | b1 (200,000: direct)          | b2 (40) |
@@ -70,8 +72,9 @@ CHUNK_SIZES: tuple[int, ...] = tuple(2 ** k for k in range(8, 15))   # 256 … 1
 CHUNK_OVERHEAD_COLUMNS = 512
 #: On a CPU, blocks of at least this many elements take H·g by their own two GEMVs ("direct",
 #: see the module docstring) instead of the chunked products. Measured on the reference CPU
-#: (BENCHMARKS.md §2.1, one block beside a small one, m = 10): level up to 65,536 elements,
-#: the GEMVs 1.3× faster at 131,072 and 1.6× at 262,144, once the history outgrows the cache.
+#: (BENCHMARKS.md §2.1, one block beside a small one, m = 10): the chunks are faster up to
+#: 65,536 elements; from 131,072 the GEMVs are 1.06–1.5× faster than 8,192-column chunks and
+#: level with the largest (16,384).
 DIRECT_MIN_NUMEL = 2 ** 17
 #: Off (no block is that large): the GPU path stays all-chunked until measured on a GPU.
 NO_DIRECT = 2 ** 62
@@ -82,6 +85,8 @@ def direct_min_numel_for(device: torch.device) -> int:
     CPU; :data:`NO_DIRECT` elsewhere: the GEMVs of a very wide history have not been timed
     against the chunked products on a GPU)."""
     return DIRECT_MIN_NUMEL if device.type == "cpu" else NO_DIRECT
+
+
 #: Columns of :meth:`BatchedCurvature.precondition_`'s result, one row per block.
 SCALAR_COLUMNS: tuple[str, ...] = ("g_sq", "g_dot_d", "d_dot_g", "d_sq", "gamma")
 
@@ -238,7 +243,7 @@ class BatchedCurvature:
             rejected=sum(int(c.rejected) for c in self.blocks),
             tau_sum=sum(taus), tau_count=len(taus))
         self.curved, self.two_loop_blocks = [], []
-        self._curved_direct: set[int] = set()   # direct blocks that take the GEMVs
+        self._curved_direct = set()   # direct blocks that take the GEMVs
         self._middle.zero_()
         self._gamma.fill_(1.0)
         for k, curv in enumerate(self.blocks):
