@@ -137,7 +137,7 @@ def measure(label: str, sizes: Sequence[int], *, device: torch.device, repeats: 
     if batched.direct_blocks:
         runs["all-chunked"] = batched_step(filled(sizes, device, direct=NO_DIRECT)[0])
     times = _interleaved(runs, device=device, repeats=repeats, calls=calls)
-    ratios = {f"{name}_over_batched": common.summarize(
+    ratios = {f"{name.replace('-', '_')}_over_batched": common.summarize(
         a / b for a, b in zip(times[name], times["batched"]))
         for name in runs if name != "batched"}
     return {
@@ -145,7 +145,7 @@ def measure(label: str, sizes: Sequence[int], *, device: torch.device, repeats: 
         "chunk": batched.chunk, "padded": batched.padded_numel,
         "direct_blocks": len(batched.direct_blocks),
         "ms": {name: common.summarize(1e3 * t for t in ts) for name, ts in times.items()},
-        **{key.replace("-", "_"): value for key, value in ratios.items()},
+        **ratios,
         "aten_calls": {name: aten_calls(fn) for name, fn in runs.items()},
     }
 
@@ -159,11 +159,12 @@ def measure_direct(numel: int, *, device: torch.device, repeats: int) -> dict[st
     """One block of ``numel`` elements (beside a :data:`COMPANION_NUMEL` one): H·g, scalars,
     read-back and direction out, all-chunked against the big block on the direct path."""
     sizes = [COMPANION_NUMEL, numel]
-    runs = {"chunked": batched_step(filled(sizes, device, direct=NO_DIRECT)[0]),
+    chunked = filled(sizes, device, direct=NO_DIRECT)[0]
+    runs = {"chunked": batched_step(chunked),
             "direct": batched_step(filled(sizes, device, direct=numel)[0])}
     times = _interleaved(runs, device=device, repeats=repeats,
                          calls=max(5, 3_000_000 // numel))
-    return {"numel": numel, "chunk": choose_chunk(sizes, direct_min_numel=NO_DIRECT),
+    return {"numel": numel, "chunk": chunked.chunk,
             "ms": {name: common.summarize(1e3 * t for t in ts) for name, ts in times.items()},
             "chunked_over_direct": common.summarize(
                 a / b for a, b in zip(times["chunked"], times["direct"]))}
