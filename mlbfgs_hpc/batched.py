@@ -126,6 +126,40 @@ def choose_chunk(block_numels: Sequence[int], *,
     return min(CHUNK_SIZES, key=lambda c: (cost(c), c))
 
 
+@dataclass(frozen=True)
+class ChunkPlan:
+    """How a model's blocks are batched: the chunk size and the direct-block threshold.
+
+    Build it from *all* the model's blocks (:meth:`for_model`), not a rank's, so that every
+    rank cuts a block into the same chunks and sums it in the same order; one object carries
+    both values, so the chunk is always the one chosen for that threshold.
+
+    Attributes:
+        chunk: columns per chunk (:func:`choose_chunk`).
+        direct_min_numel: blocks this large or larger take H·g by their own GEMVs.
+
+    Raises:
+        ValueError: a value below 1.
+    """
+
+    chunk: int
+    direct_min_numel: int = NO_DIRECT
+
+    def __post_init__(self) -> None:
+        if self.chunk < 1 or self.direct_min_numel < 1:
+            raise ValueError(f"chunk and direct_min_numel must be >= 1, got {self.chunk}, "
+                             f"{self.direct_min_numel}")
+
+    @classmethod
+    def for_model(cls, block_numels: Sequence[int], *, device: torch.device,
+                  direct_min_numel: int | None = None) -> ChunkPlan:
+        """The plan for a model with blocks of these sizes on ``device`` (threshold: the
+        device's, :func:`direct_min_numel_for`, unless given)."""
+        direct = direct_min_numel_for(device) if direct_min_numel is None else direct_min_numel
+        return cls(chunk=choose_chunk(block_numels, direct_min_numel=direct),
+                   direct_min_numel=direct)
+
+
 class BatchedCurvature:
     """The curvature of a rank's owned blocks, applied to all of them at once.
 
@@ -134,26 +168,21 @@ class BatchedCurvature:
         direction: the flat ``(n,)`` direction buffer (written by :meth:`write_direction_`).
         block_numels: sizes of the owned blocks in flat order (they sum to ``n``).
         history_size: ring capacity m.
-        chunk: columns per chunk (:func:`choose_chunk` of the model's blocks).
-        direct_min_numel: blocks this large or larger take H·g by their own GEMVs
-            (default: :func:`direct_min_numel_for` the gradient's device). Give
-            :func:`choose_chunk` the same value.
+        plan: the chunk size and direct threshold (:meth:`ChunkPlan.for_model` of the
+            model's blocks).
 
     Raises:
         ValueError: bad sizes, or buffers that do not match ``block_numels``.
     """
 
     def __init__(self, *, grad: torch.Tensor, direction: torch.Tensor,
-                 block_numels: Sequence[int], history_size: int, chunk: int,
-                 direct_min_numel: int | None = None) -> None:
-        if direct_min_numel is None:
-            direct_min_numel = direct_min_numel_for(grad.device)
+                 block_numels: Sequence[int], history_size: int, plan: ChunkPlan) -> None:
+        chunk, direct_min_numel = plan.chunk, plan.direct_min_numel
         numels = [int(n) for n in block_numels]
         if any(n < 1 for n in numels):
             raise ValueError(f"block sizes must be >= 1, got {numels}")
-        if history_size < 1 or chunk < 1 or direct_min_numel < 1:
-            raise ValueError(f"history_size, chunk and direct_min_numel must be >= 1, got "
-                             f"{history_size}, {chunk}, {direct_min_numel}")
+        if history_size < 1:
+            raise ValueError(f"history_size must be >= 1, got {history_size}")
         n = sum(numels)
         for name, buf in (("grad", grad), ("direction", direction)):
             if buf.dim() != 1 or buf.numel() != n:
@@ -161,7 +190,7 @@ class BatchedCurvature:
                                  f"got shape {tuple(buf.shape)}")
         m, b_count = history_size, len(numels)
         kw = {"dtype": grad.dtype, "device": grad.device}
-        self.history_size, self.chunk = m, chunk
+        self.history_size, self.chunk, self.plan = m, chunk, plan
         chunks_per_block = [math.ceil(k / chunk) for k in numels]
         nch = sum(chunks_per_block)
         self.n_chunks, n_pad = nch, nch * chunk

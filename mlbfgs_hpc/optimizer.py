@@ -29,33 +29,23 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .batched import BatchedCurvature, choose_chunk, direct_min_numel_for, scalar_rows
+from .batched import BatchedCurvature, ChunkPlan, scalar_rows
 from .blocks import ParamBlock, blocks_from_parameters, check_blocks_cover
 from .comm import (GRAD_BACKENDS, GRAD_REDUCE_MODES, GradBackend, GradientReducer, GradReduce,
                    LocalCommunicator, tensor_digest)
 from .config import MLBFGSConfig, validate_group_hyperparameters
 from .curvature import BlockCurvature
+from .layout import build_local_layout
 from .optimizer_state import (FLAT_STATE_KEYS, GLOBAL_STATE_KEYS, STATE_FORMAT_VERSION,
                               check_saved_state, param_group_table)
 from .partition import Ownership
 from .stepsize import DIAGNOSTIC_KEYS, BlockStats, StepTotals, global_graft_factor, kl_factor
 
 logger = logging.getLogger(__name__)
-
-
-
-@dataclass(frozen=True)
-class _Segment:
-    """A run of owned elements that share one param group (for per-group lr and wd)."""
-
-    start: int
-    stop: int
-    group: int
 
 
 class MLBFGS(torch.optim.Optimizer):
@@ -210,38 +200,22 @@ class MLBFGS(torch.optim.Optimizer):
         self._update_views = [v.view_as(p) for v, p in zip(
             self._update.split([p.numel() for p in self._layout_params]), self._layout_params)]
 
-        group_of = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
-        owned_params: list[torch.Tensor] = []
-        segments: list[_Segment] = []
-        self._block_slices: dict[int, slice] = {}
-        cursor = 0
-        max_block = 0
-        for b in self.owned_blocks:
-            block = self.blocks[b]
-            self._block_slices[b] = slice(cursor, cursor + block.numel)
-            max_block = max(max_block, block.numel)
-            for p in block.params:
-                gi = group_of[id(p)]
-                if segments and segments[-1].group == gi and segments[-1].stop == cursor:
-                    segments[-1] = _Segment(segments[-1].start, cursor + p.numel(), gi)
-                else:
-                    segments.append(_Segment(cursor, cursor + p.numel(), gi))
-                owned_params.append(p)
-                cursor += p.numel()
-        self._owned_params = owned_params
+        layout = build_local_layout(blocks=self.blocks, owned_blocks=self.owned_blocks,
+                                    param_groups=self.param_groups)
+        self._block_slices = dict(layout.block_slices)
+        self._segments = layout.segments
+        self._owned_params = list(layout.params)
         # One history for all owned blocks; each block's ring is a BlockCurvature over its
         # columns (pairs, W, checkpoints), H·g runs batched over all of them.
-        direct = direct_min_numel_for(self._device)
         self._batched = BatchedCurvature(
             grad=self._grad, direction=self._direction,
             block_numels=[self.blocks[b].numel for b in self.owned_blocks],
             history_size=self.config.history_size,
-            chunk=choose_chunk([block.numel for block in self.blocks], direct_min_numel=direct),
-            direct_min_numel=direct)
+            plan=ChunkPlan.for_model([block.numel for block in self.blocks],
+                                     device=self._device))
         self._curvature: dict[int, BlockCurvature] = dict(zip(self.owned_blocks,
                                                               self._batched.blocks))
-        self._segments = segments
-        sizes = [p.numel() for p in owned_params]
+        sizes = layout.param_sizes
         self._grad_views = list(self._grad.split(sizes))
         self._param_views = list(self._param.split(sizes))
         # The smoothed pairs of ``pair_momentum`` (off by default, so not in the checkpointed
@@ -249,6 +223,7 @@ class MLBFGS(torch.optim.Optimizer):
         self._pair_s = torch.zeros(n if self.config.pair_momentum else 0, **kw)
         self._pair_y = torch.zeros(n if self.config.pair_momentum else 0, **kw)
         # Scratch for forming (s, y) without touching the ring before the pair is accepted.
+        max_block = layout.max_block_numel
         self._scratch_s = torch.zeros(max_block, **kw)
         self._scratch_y = torch.zeros(max_block, **kw)
         self._scratch_h = torch.zeros(max_block if self.config.double_damping else 0, **kw)

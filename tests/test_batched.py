@@ -8,7 +8,7 @@
   grafting equals the per-block rescale (and a bad scale takes the gradient).
 * Bitwise repeatable, and a block's result does not depend on which other blocks are held
   (one rank owning all blocks vs. ranks owning parts of them).
-* :func:`choose_chunk`, argument checks, and the optimizer's state: block views of the
+* :func:`choose_chunk`, :class:`ChunkPlan`, argument checks, and the optimizer's state: block views of the
   batched history, loaded and saved unchanged.
 """
 
@@ -22,9 +22,8 @@ import torch
 from torch import nn
 
 import mlbfgs_hpc.batched as batched_module
-import mlbfgs_hpc.optimizer as optimizer_module
 from mlbfgs_hpc.batched import (CHUNK_SIZES, DIRECT_MIN_NUMEL, NO_DIRECT, SCALAR_COLUMNS,
-                                BatchedCurvature, choose_chunk, scalar_rows)
+                                BatchedCurvature, ChunkPlan, choose_chunk, scalar_rows)
 from mlbfgs_hpc.blocks import build_blocks
 from mlbfgs_hpc.config import MLBFGSConfig
 from mlbfgs_hpc.curvature import CURVATURE_STATE_KEYS, BlockCurvature
@@ -83,7 +82,8 @@ def _build(sizes: tuple[int, ...], fills: tuple[str, ...], dtype: torch.dtype, *
     grad = torch.zeros(n, dtype=dtype)
     direction = torch.zeros(n, dtype=dtype)
     batched = BatchedCurvature(grad=grad, direction=direction, block_numels=sizes,
-                               history_size=M, chunk=chunk, direct_min_numel=direct)
+                               history_size=M,
+                               plan=ChunkPlan(chunk=chunk, direct_min_numel=direct))
     refs = []
     for k, (size, fill) in enumerate(zip(sizes, fills)):
         ref = BlockCurvature(numel=size, history_size=M, dtype=dtype, device=CPU)
@@ -241,7 +241,7 @@ def test_no_curvature_gives_the_gradient(direct: int) -> None:
 def test_a_rank_without_blocks() -> None:
     """More ranks than blocks: a rank owns none, and its step is a no-op, not an error."""
     batched = BatchedCurvature(grad=torch.zeros(0), direction=torch.zeros(0), block_numels=[],
-                               history_size=3, chunk=8)
+                               history_size=3, plan=ChunkPlan(chunk=8))
     batched.refresh()
     assert tuple(batched.precondition_().shape) == (0, len(SCALAR_COLUMNS))
     batched.graft_({})
@@ -277,15 +277,32 @@ def test_choose_chunk() -> None:
 @pytest.mark.parametrize("kwargs, match", [
     ({"block_numels": [3, 0]}, "block sizes"),
     ({"history_size": 0}, "history_size"),
-    ({"chunk": 0}, "chunk"),
-    ({"direct_min_numel": 0}, "direct_min_numel"),
     ({"block_numels": [3, 3]}, "grad must be a flat tensor of 6"),
 ])
 def test_argument_checks(kwargs: dict, match: str) -> None:
     args = {"grad": torch.zeros(5), "direction": torch.zeros(5), "block_numels": [2, 3],
-            "history_size": 2, "chunk": 4, **kwargs}
+            "history_size": 2, "plan": ChunkPlan(chunk=4), **kwargs}
     with pytest.raises(ValueError, match=match):
         BatchedCurvature(**args)
+
+
+@pytest.mark.parametrize("chunk, direct", [(0, 100), (4, 0)])
+def test_chunk_plan_checks(chunk: int, direct: int) -> None:
+    with pytest.raises(ValueError, match="chunk and direct_min_numel must be >= 1"):
+        ChunkPlan(chunk=chunk, direct_min_numel=direct)
+
+
+def test_chunk_plan_for_model() -> None:
+    """The plan carries the threshold its chunk was chosen for: the device's by default."""
+    sizes = [320, 18_496, 401_536, 1_290]
+    cpu = ChunkPlan.for_model(sizes, device=CPU)
+    assert cpu == ChunkPlan(chunk=choose_chunk(sizes, direct_min_numel=DIRECT_MIN_NUMEL),
+                            direct_min_numel=DIRECT_MIN_NUMEL)
+    assert cpu.chunk == choose_chunk([320, 18_496, 1_290])     # the big block is direct
+    off = ChunkPlan.for_model(sizes, device=CPU, direct_min_numel=NO_DIRECT)
+    assert off == ChunkPlan(chunk=choose_chunk(sizes, direct_min_numel=NO_DIRECT))
+    assert off.chunk > cpu.chunk                                # all-chunked: bigger chunks
+    assert ChunkPlan.for_model(sizes, device=torch.device("cuda")).direct_min_numel == NO_DIRECT
 
 
 def _trained_wide_mlp(monkeypatch: pytest.MonkeyPatch, *, direct: bool
@@ -294,7 +311,6 @@ def _trained_wide_mlp(monkeypatch: pytest.MonkeyPatch, *, direct: bool
     on a CPU, with the direct path on or forced off."""
     if not direct:
         monkeypatch.setattr(batched_module, "direct_min_numel_for", lambda device: NO_DIRECT)
-        monkeypatch.setattr(optimizer_module, "direct_min_numel_for", lambda device: NO_DIRECT)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 600), nn.Tanh(), nn.Linear(600, 3))
     opt = MLBFGS(model.parameters(), blocks=build_blocks(model), lr=0.05, history_size=3,

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-import mlbfgs_hpc.optimizer as optimizer_module
+import mlbfgs_hpc.batched as batched_module
 from mlbfgs_hpc import MLBFGS, build_blocks, init_communicator
 from mlbfgs_hpc.config import MLBFGSConfig
 
@@ -49,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.direct_min_numel is not None:
         threshold = args.direct_min_numel
-        optimizer_module.direct_min_numel_for = lambda device: threshold
+        batched_module.direct_min_numel_for = lambda device: threshold
     comm = init_communicator()
     if args.variants is None:
         train(args, comm, args.backend, args.grad_reduce, args.node_aware, Path(args.out),

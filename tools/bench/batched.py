@@ -29,8 +29,7 @@ from typing import Any
 
 import torch
 
-from mlbfgs_hpc.batched import (NO_DIRECT, BatchedCurvature, choose_chunk,
-                                direct_min_numel_for)
+from mlbfgs_hpc.batched import NO_DIRECT, BatchedCurvature, ChunkPlan
 from mlbfgs_hpc.blocks import build_blocks
 from mlbfgs_hpc.config import MLBFGSConfig
 from mlbfgs_hpc.models import build_model
@@ -55,12 +54,10 @@ def filled(sizes: Sequence[int], device: torch.device, *, direct: int | None = N
     gen = torch.Generator().manual_seed(0)
     grad = torch.randn(n, generator=gen).to(device)
     direction = torch.zeros(n, device=device)
-    if direct is None:
-        direct = direct_min_numel_for(device)
     batched = BatchedCurvature(grad=grad, direction=direction, block_numels=sizes,
                                history_size=HISTORY,
-                               chunk=choose_chunk(sizes, direct_min_numel=direct),
-                               direct_min_numel=direct)
+                               plan=ChunkPlan.for_model(sizes, device=device,
+                                                        direct_min_numel=direct))
     config = MLBFGSConfig()
     for curv in batched.blocks:
         diag = torch.logspace(-1, 1, curv.numel).to(device)
