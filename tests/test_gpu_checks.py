@@ -16,7 +16,7 @@ def test_cpu_dry_run_records_every_section(tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--out", str(out), "--device", "cpu", "--quick",
-         "--only", "env,iteration,direct,default-run", "--seeds", "0"],
+         "--only", "env,iteration,direct,default-run,lr-bar", "--seeds", "0"],
         cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     # The GPU benchmark exits 2 without a GPU, so the whole run reports a failure.
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -27,14 +27,19 @@ def test_cpu_dry_run_records_every_section(tmp_path: Path) -> None:
     direct = json.loads((out / "direct.json").read_text())
     assert direct["device"] == "cpu"
     assert [row["numel"] for row in direct["direct"]] == [131072, 401536, 1048576, 2359296]
-    run = res["default_run"]["0"]
-    assert run["rc"] == 0 and len(run["evals"]) == 3          # 30 steps, evaluated every 10
-    assert run["final"] == run["evals"][-1] and run["best"] == max(run["evals"])
-    assert 10.0 < run["final"] <= 100.0
+    assert sorted(res["runs"]) == ["default-seed0", "lr0.05-seed0", "lr0.2-seed0"]
+    for run in res["runs"].values():
+        assert run["rc"] == 0 and len(run["evals"]) == 3      # 30 steps, evaluated every 10
+        assert run["final"] == run["evals"][-1] and run["best"] == max(run["evals"])
+        assert run["drop"] == run["best"] - run["final"]
+        assert 10.0 < run["final"] <= 100.0
+    # Different lrs, different runs (the --lr reached the trainer).
+    assert len({tuple(run["evals"]) for run in res["runs"].values()}) == 3
     summary = (out / "summary.md").read_text()
-    assert "| iteration | 2 |" in summary and "| 0 | 0 |" in summary
+    assert "| iteration | 2 |" in summary and "| lr0.2-seed0 | 0 |" in summary
     log = (out / "sections.log").read_text()
-    assert "===== default-run seed 0: rc 0" in log and "no CUDA device" in log
+    assert "===== run default-seed0: rc 0" in log and "no CUDA device" in log
+    assert "--lr 0.05" in log and "--lr 0.2" in log
     assert sorted(p.name for p in out.iterdir()) == [
         "direct.json", "gpu_checks.json", "sections.log", "summary.md"]
 

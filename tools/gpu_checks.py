@@ -16,6 +16,9 @@ items; BENCHMARKS.md §7 has the last GPU figures):
 6. ``default-run``: the embedded default run (``mlbfgs-train`` with no options) on the GPU,
    seeds 0, 1 and 2 side by side: final and best test accuracy (issue 13's ≥ 89.5 % and
    within 0.3 points of the best evaluation).
+7. ``lr-bar``: the same run at ½× and 2× the default lr (0.05 and 0.2), the same seeds, side
+   by side: issue 13's stability bar (no run ends more than 0.5 points below its best
+   evaluation) on the GPU, for the CNN task (the default run's 1× is section 6).
 
 Not here: Horovod built with NCCL (``tools/bootstrap.sh``) needs its sdist carried to the
 machine and a build of several minutes; it is left to a run of its own.
@@ -45,7 +48,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 DIRECT_SIZES = ("131072", "401536", "1048576", "2359296")
-SECTIONS = ("env", "cuda-tests", "iteration", "direct", "batched", "default-run")
+SECTIONS = ("env", "cuda-tests", "iteration", "direct", "batched", "default-run", "lr-bar")
+#: ½× and 2× the default lr (mlbfgs_hpc.options.DEFAULT_LR for the CNN: 0.1).
+LR_BAR = ("0.05", "0.2")
 
 
 def _run(name: str, argv: Sequence[str], *, timeout: int, log: Path) -> dict[str, Any]:
@@ -65,22 +70,24 @@ def _run(name: str, argv: Sequence[str], *, timeout: int, log: Path) -> dict[str
     return {"rc": rc, "seconds": round(seconds, 1), "tail": out.strip().splitlines()[-5:]}
 
 
-def _default_runs(*, python: str, device: str, quick: bool, data_root: str | None,
-                  seeds: Sequence[int], timeout: int, log: Path) -> dict[str, Any]:
-    """The default run, seeds side by side; final and best test accuracy per seed."""
+def _training_runs(runs: dict[str, list[str]], *, python: str, device: str, quick: bool,
+                   data_root: str | None, timeout: int, log: Path) -> dict[str, Any]:
+    """The default run with each ``runs[label]``'s extra options, all side by side; final
+    and best test accuracy per run."""
     extra = ["--steps", "30", "--eval-every", "10"] if quick else ["--eval-every", "117"]
     if data_root:
         extra += ["--data-root", data_root]
+    threads = str(max(1, (os.cpu_count() or 1) // len(runs)))
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="gpu-checks-") as tmp:
         procs = {}
         start = time.perf_counter()
-        for seed in seeds:
-            argv = [python, "-m", "mlbfgs_hpc", "--device", device, "--seed", str(seed),
-                    "--threads", "4", "--run-dir", f"{tmp}/seed{seed}", *extra]
-            procs[seed] = (argv, subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE,
-                                                  stderr=subprocess.STDOUT, text=True))
-        for seed, (argv, proc) in procs.items():
+        for label, options in runs.items():
+            argv = [python, "-m", "mlbfgs_hpc", "--device", device, "--threads", threads,
+                    "--run-dir", f"{tmp}/{label}", *options, *extra]
+            procs[label] = (argv, subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE,
+                                                   stderr=subprocess.STDOUT, text=True))
+        for label, (argv, proc) in procs.items():
             try:
                 out, _ = proc.communicate(timeout=max(1.0, timeout - (time.perf_counter()
                                                                       - start)))
@@ -89,14 +96,14 @@ def _default_runs(*, python: str, device: str, quick: bool, data_root: str | Non
                 proc.kill()
                 out, rc = proc.communicate()[0] + "\n[timed out]", 124
             with log.open("a", encoding="utf-8") as f:
-                f.write(f"\n===== default-run seed {seed}: rc {rc}\n$ {' '.join(argv)}\n{out}")
+                f.write(f"\n===== run {label}: rc {rc}\n$ {' '.join(argv)}\n{out}")
             evals = []
-            metrics = Path(tmp) / f"seed{seed}" / "metrics.jsonl"
+            metrics = Path(tmp) / label / "metrics.jsonl"
             if metrics.is_file():
                 records = [json.loads(line) for line in metrics.read_text().splitlines()
                            if line.strip()]
                 evals = [100 * r["test_accuracy"] for r in records if r.get("event") == "eval"]
-            results[str(seed)] = {
+            results[label] = {
                 "rc": rc, "final": evals[-1] if evals else None,
                 "best": max(evals) if evals else None,
                 "drop": (max(evals) - evals[-1]) if evals else None, "evals": evals}
@@ -109,11 +116,11 @@ def _summary(res: dict[str, Any]) -> str:
     for name, sec in res["sections"].items():
         last = sec["tail"][-1] if sec["tail"] else ""
         lines.append(f"| {name} | {sec['rc']} | {sec['seconds']} | {last[:120]} |")
-    lines += ["", "| default run, seed | rc | final % | best % | drop (points) |",
+    lines += ["", "| training run | rc | final % | best % | drop (points) |",
               "|---|---|---|---|---|"]
-    for seed, run in res["default_run"].items():
+    for label, run in res["runs"].items():
         fmt = (lambda v: "–" if v is None else f"{v:.2f}")
-        lines.append(f"| {seed} | {run['rc']} | {fmt(run['final'])} | {fmt(run['best'])} | "
+        lines.append(f"| {label} | {run['rc']} | {fmt(run['final'])} | {fmt(run['best'])} | "
                      f"{fmt(run['drop'])} |")
     return "\n".join(lines) + "\n"
 
@@ -131,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--only", default=",".join(SECTIONS),
                    help="comma-separated subset of the sections")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
-                   help="seeds of the default run (run side by side)")
+                   help="seeds of the training runs (all run side by side)")
     args = p.parse_args(argv)
     only = [name for name in args.only.split(",") if name]
     unknown = sorted(set(only) - set(SECTIONS))
@@ -145,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = ["--data-root", args.data_root] if args.data_root else []
     repeats = ["--repeats", "3"] if args.quick else []
     res: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                           "device": args.device, "sections": {}, "default_run": {}}
+                           "device": args.device, "sections": {}, "runs": {}}
     sections = [
         ("env", [py, "-c", "import torch; print(torch.__version__, torch.version.cuda, "
                  "torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"],
@@ -166,10 +173,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, cmd, timeout in sections:
             if name in only:
                 res["sections"][name] = _run(name, cmd, timeout=timeout, log=log)
+        runs = {}
         if "default-run" in only:
-            res["default_run"] = _default_runs(
-                python=py, device=args.device, quick=args.quick, data_root=args.data_root,
-                seeds=args.seeds, timeout=300, log=log)
+            runs.update({f"default-seed{seed}": ["--seed", str(seed)] for seed in args.seeds})
+        if "lr-bar" in only:
+            runs.update({f"lr{lr}-seed{seed}": ["--seed", str(seed), "--lr", lr]
+                         for lr in LR_BAR for seed in args.seeds})
+        if runs:
+            res["runs"] = _training_runs(runs, python=py, device=args.device,
+                                         quick=args.quick, data_root=args.data_root,
+                                         timeout=420, log=log)
     finally:
         if env_backup is None:
             os.environ.pop("PYTHONUNBUFFERED", None)
@@ -178,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "summary.md").write_text(summary, encoding="utf-8")
     sys.stdout.write(summary)
     failed = [n for n, sec in res["sections"].items() if sec["rc"] != 0]
-    failed += [f"default-run seed {s}" for s, r in res["default_run"].items() if r["rc"] != 0]
+    failed += [label for label, run in res["runs"].items() if run["rc"] != 0]
     return 1 if failed else 0
 
 
