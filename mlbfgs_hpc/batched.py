@@ -136,7 +136,8 @@ class ChunkPlan:
 
     Attributes:
         chunk: columns per chunk (:func:`choose_chunk`).
-        direct_min_numel: blocks this large or larger take H·g by their own GEMVs.
+        direct_min_numel: blocks this large or larger take H·g by their own GEMVs
+            (default :data:`NO_DIRECT`: every block chunked).
 
     Raises:
         ValueError: a value below 1.

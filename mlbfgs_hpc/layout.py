@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -65,7 +66,7 @@ class LocalLayout:
 
 
 def build_local_layout(*, blocks: Sequence[ParamBlock], owned_blocks: Iterable[int],
-                       param_groups: Sequence[Mapping[str, object]]) -> LocalLayout:
+                       param_groups: Sequence[Mapping[str, Any]]) -> LocalLayout:
     """The flat layout of ``owned_blocks`` (a rank's contiguous run of ``blocks``).
 
     Args:
@@ -77,8 +78,7 @@ def build_local_layout(*, blocks: Sequence[ParamBlock], owned_blocks: Iterable[i
     Raises:
         ValueError: an owned block holds a parameter that is in no param group.
     """
-    group_of = {id(p): gi for gi, group in enumerate(param_groups)
-                for p in group["params"]}  # type: ignore[attr-defined]
+    group_of = {id(p): gi for gi, group in enumerate(param_groups) for p in group["params"]}
     owned = tuple(owned_blocks)
     segments: list[Segment] = []
     slices: dict[int, slice] = {}
