@@ -49,3 +49,16 @@ def test_unknown_section_is_rejected(tmp_path: Path) -> None:
                            "--only", "env,nope"], cwd=REPO, capture_output=True, text=True,
                           timeout=60, check=False)
     assert proc.returncode == 2 and "unknown sections ['nope']" in proc.stderr
+
+
+def test_a_section_past_its_timeout_is_recorded_with_its_output(tmp_path: Path) -> None:
+    from tools import gpu_checks
+
+    log = tmp_path / "sections.log"
+    sec = gpu_checks._run("sleeper", [sys.executable, "-c",
+                                      "print('started'); import time; time.sleep(60)"],
+                          timeout=3, log=log)
+    assert sec["rc"] == 124 and sec["seconds"] < 30
+    text = log.read_text()
+    assert "===== sleeper: rc 124" in text and "started" in text
+    assert "[timed out after 3 s]" in text

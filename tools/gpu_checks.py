@@ -53,17 +53,28 @@ SECTIONS = ("env", "cuda-tests", "iteration", "direct", "batched", "default-run"
 LR_BAR = ("0.05", "0.2")
 
 
+def _child_env() -> dict[str, str]:
+    """The environment of every child: unbuffered, so a timed-out one leaves its output."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def _text(data: str | bytes | None) -> str:
+    """Output captured by ``subprocess`` (bytes when a timeout cut it off)."""
+    if data is None:
+        return ""
+    return data if isinstance(data, str) else data.decode(errors="replace")
+
+
 def _run(name: str, argv: Sequence[str], *, timeout: int, log: Path) -> dict[str, Any]:
     """Run one section; its output goes to ``log``; return rc, seconds and the last lines."""
     start = time.perf_counter()
     try:
         proc = subprocess.run(list(argv), cwd=REPO, capture_output=True, text=True,
-                              timeout=timeout, check=False)
+                              timeout=timeout, check=False, env=_child_env())
         rc, out = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as exc:
         rc = 124
-        out = f"{exc.stdout or ''}{exc.stderr or ''}\n[timed out after {timeout} s]"
-        out = out if isinstance(out, str) else out.decode(errors="replace")
+        out = f"{_text(exc.stdout)}{_text(exc.stderr)}\n[timed out after {timeout} s]"
     seconds = time.perf_counter() - start
     with log.open("a", encoding="utf-8") as f:
         f.write(f"\n===== {name}: rc {rc}, {seconds:.1f} s\n$ {' '.join(argv)}\n{out}")
@@ -85,18 +96,23 @@ def _training_runs(runs: dict[str, list[str]], *, python: str, device: str, quic
         for label, options in runs.items():
             argv = [python, "-m", "mlbfgs_hpc", "--device", device, "--threads", threads,
                     "--run-dir", f"{tmp}/{label}", *options, *extra]
-            procs[label] = (argv, subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE,
-                                                   stderr=subprocess.STDOUT, text=True))
+            # Each run writes to its own file: pipes read one after the other would stall a
+            # run whose output filled its pipe while an earlier one was still being read.
+            with open(f"{tmp}/{label}.out", "w", encoding="utf-8") as sink:
+                procs[label] = (argv, subprocess.Popen(argv, cwd=REPO, stdout=sink,
+                                                       stderr=subprocess.STDOUT,
+                                                       env=_child_env()))
         for label, (argv, proc) in procs.items():
             try:
-                out, _ = proc.communicate(timeout=max(1.0, timeout - (time.perf_counter()
-                                                                      - start)))
-                rc = proc.returncode
+                rc = proc.wait(timeout=max(1.0, timeout - (time.perf_counter() - start)))
+                note = ""
             except subprocess.TimeoutExpired:
                 proc.kill()
-                out, rc = proc.communicate()[0] + "\n[timed out]", 124
+                proc.wait()
+                rc, note = 124, "\n[timed out]"
+            out = Path(f"{tmp}/{label}.out").read_text(encoding="utf-8", errors="replace")
             with log.open("a", encoding="utf-8") as f:
-                f.write(f"\n===== run {label}: rc {rc}\n$ {' '.join(argv)}\n{out}")
+                f.write(f"\n===== run {label}: rc {rc}\n$ {' '.join(argv)}\n{out}{note}")
             evals = []
             metrics = Path(tmp) / label / "metrics.jsonl"
             if metrics.is_file():
@@ -167,25 +183,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("batched", [py, "-m", "tools.bench", "batched", "--device", args.device, *repeats,
                      "--json", str(out / "batched.json")], 180),
     ]
-    env_backup = os.environ.get("PYTHONUNBUFFERED")
-    os.environ["PYTHONUNBUFFERED"] = "1"
-    try:
-        for name, cmd, timeout in sections:
-            if name in only:
-                res["sections"][name] = _run(name, cmd, timeout=timeout, log=log)
-        runs = {}
-        if "default-run" in only:
-            runs.update({f"default-seed{seed}": ["--seed", str(seed)] for seed in args.seeds})
-        if "lr-bar" in only:
-            runs.update({f"lr{lr}-seed{seed}": ["--seed", str(seed), "--lr", lr]
-                         for lr in LR_BAR for seed in args.seeds})
-        if runs:
-            res["runs"] = _training_runs(runs, python=py, device=args.device,
-                                         quick=args.quick, data_root=args.data_root,
-                                         timeout=420, log=log)
-    finally:
-        if env_backup is None:
-            os.environ.pop("PYTHONUNBUFFERED", None)
+    for name, cmd, timeout in sections:
+        if name in only:
+            res["sections"][name] = _run(name, cmd, timeout=timeout, log=log)
+    runs = {}
+    if "default-run" in only:
+        runs.update({f"default-seed{seed}": ["--seed", str(seed)] for seed in args.seeds})
+    if "lr-bar" in only:
+        runs.update({f"lr{lr}-seed{seed}": ["--seed", str(seed), "--lr", lr]
+                     for lr in LR_BAR for seed in args.seeds})
+    if runs:
+        res["runs"] = _training_runs(runs, python=py, device=args.device, quick=args.quick,
+                                     data_root=args.data_root, timeout=420, log=log)
     (out / "gpu_checks.json").write_text(json.dumps(res, indent=1), encoding="utf-8")
     summary = _summary(res)
     (out / "summary.md").write_text(summary, encoding="utf-8")
