@@ -103,16 +103,15 @@ class RingTotals:
     tau_count: int = 0
 
 
-def choose_chunk(block_numels: Sequence[int], *,
-                 direct_min_numel: int = DIRECT_MIN_NUMEL) -> int:
+def choose_chunk(block_numels: Sequence[int], *, direct_min_numel: int = NO_DIRECT) -> int:
     """The chunk size for a model whose blocks have these sizes: the one of
     :data:`CHUNK_SIZES` that minimises padded columns + :data:`CHUNK_OVERHEAD_COLUMNS` × chunks
     (ties: the smaller). Pass *all* the model's blocks, not a rank's, so that a block is cut
     into the same chunks, and so summed in the same order, on any number of ranks.
 
     Few big blocks get big chunks (fewer calls), many small blocks small ones (less padding).
-    Direct blocks (``>= direct_min_numel``) do not run the chunked H·g, so they do not count,
-    unless every block is direct.
+    Direct blocks (``>= direct_min_numel``; default none, as :class:`ChunkPlan`'s) do not run
+    the chunked H·g, so they do not count, unless every block is direct.
     """
     if not block_numels:
         return CHUNK_SIZES[0]
@@ -191,7 +190,7 @@ class BatchedCurvature:
                                  f"got shape {tuple(buf.shape)}")
         m, b_count = history_size, len(numels)
         kw = {"dtype": grad.dtype, "device": grad.device}
-        self.history_size, self.chunk, self.plan = m, chunk, plan
+        self.history_size, self.chunk = m, chunk
         chunks_per_block = [math.ceil(k / chunk) for k in numels]
         nch = sum(chunks_per_block)
         self.n_chunks, n_pad = nch, nch * chunk

@@ -8,8 +8,8 @@
   grafting equals the per-block rescale (and a bad scale takes the gradient).
 * Bitwise repeatable, and a block's result does not depend on which other blocks are held
   (one rank owning all blocks vs. ranks owning parts of them).
-* :func:`choose_chunk`, :class:`ChunkPlan`, argument checks, and the optimizer's state: block views of the
-  batched history, loaded and saved unchanged.
+* :func:`choose_chunk`, :class:`ChunkPlan`, argument checks, and the optimizer's state:
+  block views of the batched history, loaded and saved unchanged.
 """
 
 from __future__ import annotations
