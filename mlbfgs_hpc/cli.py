@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .config import MLBFGSConfig
+from .config import MLBFGSConfig, validate_momentum
 
 __all__ = ["UsageError", "HelpFormatter", "ArgumentParser", "launcher_rank",
            "print_usage_error", "validate_train_args", "train_args_ok", "FLAG_RULES"]
@@ -166,9 +166,11 @@ def _check_mlbfgs_config(args: argparse.Namespace) -> None:
               if hasattr(args, f.name)}
     try:
         MLBFGSConfig(**values)
+        if hasattr(args, "momentum"):   # a param-group setting, checked as the optimizer does
+            validate_momentum(args.momentum, nesterov=values.get("nesterov", False))
     except ValueError as exc:
         message = str(exc)
-        for name in sorted(values, key=len, reverse=True):
+        for name in sorted([*values, "momentum"], key=len, reverse=True):
             if message.startswith(name + " "):
                 message = flag(name) + message[len(name):]
                 break

@@ -12,6 +12,9 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+#: Default outer heavy-ball momentum μ of every param group (DESIGN.md §1.8).
+DEFAULT_MOMENTUM = 0.9
+
 ClipMode = Literal["graft", "graft-global", "kl", "none"]
 CLIP_MODES: tuple[str, ...] = ("graft", "graft-global", "kl", "none")
 
@@ -23,7 +26,8 @@ def _require(condition: bool, name: str, allowed: str, value: object) -> None:
 
 @dataclass(frozen=True)
 class MLBFGSConfig:
-    """Algorithm constants shared by all param groups (``lr``/``weight_decay`` are per group).
+    """Algorithm constants shared by all param groups (``lr``, ``weight_decay`` and the outer
+    ``momentum`` are per group: :func:`validate_group_hyperparameters`).
 
     Args:
         history_size: number m of curvature pairs kept per block (ring buffer).
@@ -43,8 +47,8 @@ class MLBFGSConfig:
             transformer LM, BENCHMARKS.md §9.12–9.13), ``"kl"`` (the design's guard,
             ν = min(1, sqrt(κ/gᵀd)) on the whole direction) or ``"none"``.
         kl_clip: κ of the ``"kl"`` guard.
-        momentum: outer heavy-ball momentum μ.
-        nesterov: use Nesterov's variant of the outer momentum.
+        nesterov: use Nesterov's variant of the outer momentum (every group's momentum
+            must then be > 0 at construction, as for ``torch.optim.SGD``).
         pair_momentum: EMA factor over successive pairs (the authors' "double momentum"):
             the offered pair is s̄ ← p·s̄ + (1−p)·s (same for y), started at the first
             pair; 0: off.
@@ -68,7 +72,6 @@ class MLBFGSConfig:
     curvature_eps: float = 1e-8
     clip: ClipMode = "graft"
     kl_clip: float = 0.005
-    momentum: float = 0.9
     nesterov: bool = False
     pair_momentum: float = 0.0
     double_damping: float = 0.2
@@ -92,26 +95,35 @@ class MLBFGSConfig:
         _require(self.clip in CLIP_MODES, "clip", f"one of {CLIP_MODES}", self.clip)
         _require(_finite(self.kl_clip) and self.kl_clip > 0.0,
                  "kl_clip", "a finite number > 0", self.kl_clip)
-        _require(_finite(self.momentum) and 0.0 <= self.momentum < 1.0,
-                 "momentum", "in [0, 1)", self.momentum)
         _require(isinstance(self.nesterov, bool), "nesterov", "a bool", self.nesterov)
         _require(_finite(self.pair_momentum) and 0.0 <= self.pair_momentum < 1.0,
                  "pair_momentum", "in [0, 1)", self.pair_momentum)
         _require(_finite(self.double_damping) and 0.0 <= self.double_damping < 1.0,
                  "double_damping", "in [0, 1)", self.double_damping)
-        _require(not (self.nesterov and self.momentum == 0.0),
-                 "nesterov", "False when momentum == 0 (Nesterov needs momentum > 0)",
-                 self.nesterov)
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
 
 
-def validate_group_hyperparameters(*, lr: float, weight_decay: float) -> None:
-    """Check the per-group hyper-parameters (shared by the constructor and ``add_param_group``)."""
+def validate_group_hyperparameters(*, lr: float, weight_decay: float, momentum: float,
+                                   nesterov: bool = False) -> None:
+    """Check one param group's hyper-parameters (the constructor's defaults and every group).
+
+    ``momentum`` is the outer heavy-ball momentum μ, per group as in ``torch.optim.SGD`` (so
+    ``OneCycleLR``/``CyclicLR`` can cycle it); ``nesterov``: the optimizer's setting, which
+    needs μ > 0.
+    """
     _require(_finite(lr) and lr >= 0.0, "lr", "a finite number >= 0", lr)
     _require(_finite(weight_decay) and weight_decay >= 0.0,
              "weight_decay", "a finite number >= 0", weight_decay)
+    validate_momentum(momentum, nesterov=nesterov)
+
+
+def validate_momentum(momentum: float, *, nesterov: bool) -> None:
+    """Check a group's outer momentum μ in [0, 1), and μ > 0 when ``nesterov``."""
+    _require(_finite(momentum) and 0.0 <= momentum < 1.0, "momentum", "in [0, 1)", momentum)
+    _require(not (nesterov and momentum == 0.0),
+             "nesterov", "False when momentum == 0 (Nesterov needs momentum > 0)", nesterov)
 
 
 def _integer(value: object) -> bool:

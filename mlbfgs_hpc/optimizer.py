@@ -17,7 +17,7 @@ Step on every rank (DESIGN.md §1–§2)::
     g = grad + wd·θ; EMA buffers; pairs at t = kT -> H·g (compact form), all owned blocks
                                                      in a fixed number of kernels
     allgather(gᵀd, #curved blocks, counters)      -> identical guard ν on every rank
-    outer momentum, lr per param group            -> Allgatherv(update)   -> θ ← θ − update
+    outer momentum and lr per param group         -> Allgatherv(update)   -> θ ← θ − update
                                                      (flat, or node-aware: one copy per host
                                                       crosses the network; mlbfgs_hpc.comm)
 
@@ -37,7 +37,7 @@ from .batched import BatchedCurvature, ChunkPlan, scalar_rows
 from .blocks import ParamBlock, blocks_from_parameters, check_blocks_cover
 from .comm import (GRAD_BACKENDS, GRAD_REDUCE_MODES, GradBackend, GradientReducer, GradReduce,
                    LocalCommunicator, tensor_digest)
-from .config import MLBFGSConfig, validate_group_hyperparameters
+from .config import DEFAULT_MOMENTUM, MLBFGSConfig, validate_group_hyperparameters
 from .curvature import BlockCurvature
 from .layout import build_local_layout
 from .optimizer_state import (FLAT_STATE_KEYS, GLOBAL_STATE_KEYS, STATE_FORMAT_VERSION,
@@ -53,7 +53,8 @@ class MLBFGS(torch.optim.Optimizer):
 
     Args:
         params: parameters or param-group dicts, as for any torch optimizer. Groups may set
-            their own ``lr`` and ``weight_decay``.
+            their own ``lr``, ``weight_decay`` and ``momentum`` (schedulers may change them
+            between steps, e.g. ``OneCycleLR``'s momentum cycling).
         blocks: the blocks of the block-diagonal Hessian, e.g. ``build_blocks(model)``; they
             must cover exactly the optimized parameters. ``None``: one block per parameter
             tensor.
@@ -71,8 +72,8 @@ class MLBFGS(torch.optim.Optimizer):
             H·g at the norm of g), ``"graft-global"`` (the whole direction at the norm of
             the whole g, one factor), ``"kl"`` (ν = min(1, sqrt(κ/gᵀd))) or ``"none"``.
         kl_clip: κ of the ``"kl"`` guard.
-        momentum: outer heavy-ball momentum.
-        nesterov: Nesterov variant of the outer momentum.
+        momentum: outer heavy-ball momentum (per-group default, as ``torch.optim.SGD``'s).
+        nesterov: Nesterov variant of the outer momentum (needs every group's momentum > 0).
         pair_momentum: EMA over successive pairs ("double momentum"); 0: off. See
             :class:`~mlbfgs_hpc.config.MLBFGSConfig`.
         double_damping: μ1 of double damping's first stage (s moved towards H·y so that
@@ -117,7 +118,7 @@ class MLBFGS(torch.optim.Optimizer):
         curvature_eps: float = 1e-8,
         clip: str = "graft",
         kl_clip: float = 0.005,
-        momentum: float = 0.9,
+        momentum: float = DEFAULT_MOMENTUM,
         nesterov: bool = False,
         pair_momentum: float = 0.0,
         double_damping: float = 0.2,
@@ -127,13 +128,13 @@ class MLBFGS(torch.optim.Optimizer):
         node_aware: bool | None = None,
         grad_overlap: bool = True,
     ) -> None:
-        validate_group_hyperparameters(lr=lr, weight_decay=weight_decay)
         self.config = MLBFGSConfig(
             history_size=history_size, update_freq=update_freq, beta_param=beta_param,
             beta_grad=beta_grad, damping=damping, sigma_low=sigma_low, sigma_high=sigma_high,
             curvature_eps=curvature_eps, clip=clip, kl_clip=kl_clip,  # type: ignore[arg-type]
-            momentum=momentum, nesterov=nesterov, pair_momentum=pair_momentum,
-            double_damping=double_damping)
+            nesterov=nesterov, pair_momentum=pair_momentum, double_damping=double_damping)
+        validate_group_hyperparameters(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                       nesterov=nesterov)
         if grad_backend is not None and grad_backend not in GRAD_BACKENDS:
             raise ValueError(
                 f"grad_backend must be one of {GRAD_BACKENDS} or None, got {grad_backend!r}")
@@ -141,7 +142,7 @@ class MLBFGS(torch.optim.Optimizer):
             raise ValueError(
                 f"grad_reduce must be one of {GRAD_REDUCE_MODES}, got {grad_reduce!r}")
         self._constructing = True
-        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum})
         self._constructing = False
         self.comm = comm if comm is not None else LocalCommunicator()
 
@@ -174,11 +175,10 @@ class MLBFGS(torch.optim.Optimizer):
         if not getattr(self, "_constructing", False):
             raise RuntimeError("MLBFGS fixes its blocks at construction: add every param "
                                "group to the constructor instead of add_param_group()")
-        for key in ("lr", "weight_decay"):
-            if key in param_group:
-                validate_group_hyperparameters(
-                    lr=param_group.get("lr", 0.0), weight_decay=param_group.get(
-                        "weight_decay", 0.0))
+        values = {**self.defaults, **param_group}
+        validate_group_hyperparameters(lr=values["lr"], weight_decay=values["weight_decay"],
+                                       momentum=values["momentum"],
+                                       nesterov=self.config.nesterov)
         super().add_param_group(param_group)
 
     def _build_local_layout(self) -> None:
@@ -402,21 +402,35 @@ class MLBFGS(torch.optim.Optimizer):
         self._batched.refresh()
 
     def _apply_outer_momentum(self, *, first: bool) -> None:
-        cfg = self.config
-        buf = self._flat_state["momentum_buffer"]
-        if cfg.momentum == 0.0:
-            step_vector = self._direction
+        """``buf ← μ·buf + d`` (``buf ← d`` at the first step) and the update ``lr·buf``
+        (Nesterov: ``lr·(d + μ·buf)``), with each param group's μ and lr as they are at this
+        step, so a scheduler may change both."""
+        momenta = [group["momentum"] for group in self.param_groups]
+        if len(set(momenta)) == 1:   # the usual case: one μ, whole-slice ops
+            whole = self._outer_momentum_(slice(None), momenta[0], first=first)
+            parts = [(seg, whole[seg.start:seg.stop]) for seg in self._segments]
         else:
-            if first:
-                buf.copy_(self._direction)
-            else:
-                buf.mul_(cfg.momentum).add_(self._direction)
-            step_vector = (self._direction.add_(buf, alpha=cfg.momentum)
-                           if cfg.nesterov else buf)
-        for seg in self._segments:
+            parts = [(seg, self._outer_momentum_(slice(seg.start, seg.stop),
+                                                 momenta[seg.group], first=first))
+                     for seg in self._segments]
+        for seg, step_vector in parts:
             lr = self.param_groups[seg.group]["lr"]
-            torch.mul(step_vector[seg.start:seg.stop], lr,
-                      out=self._owned_update[seg.start:seg.stop])
+            torch.mul(step_vector, lr, out=self._owned_update[seg.start:seg.stop])
+
+    def _outer_momentum_(self, part: slice, momentum: float, *, first: bool) -> torch.Tensor:
+        """Outer momentum on ``part`` of the owned slice; returns the step vector's view.
+
+        As ``torch.optim.SGD``: μ = 0 leaves the buffer alone, and a buffer that was never
+        written is zero, so its first μ > 0 step starts it at ``d`` exactly (0·μ + d = d).
+        """
+        if momentum == 0.0:
+            return self._direction[part]
+        buf, direction = self._flat_state["momentum_buffer"][part], self._direction[part]
+        if first:
+            buf.copy_(direction)
+        else:
+            buf.mul_(momentum).add_(direction)
+        return direction.add_(buf, alpha=momentum) if self.config.nesterov else buf
 
     # ---- state -------------------------------------------------------------------------
     def block_state(self, block: int) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ from typing import Any
 
 from . import cli
 from .comm import GRAD_BACKENDS, GRAD_REDUCE_MODES
-from .config import CLIP_MODES, MLBFGSConfig
+from .config import CLIP_MODES, DEFAULT_MOMENTUM, MLBFGSConfig
 from .data import DATASET_NAMES
 from .models import MODEL_NAMES
 
@@ -86,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="linear lr warm-up over this many steps before the schedule (default: 10 %% of "
            "the run's steps; 0: none)")
     a("--weight-decay", type=float, default=0.0)
-    a("--momentum", type=float, default=_DEFAULTS.momentum,
-      help="outer momentum of mlbfgs, momentum of sgd")
+    a("--momentum", type=float, default=DEFAULT_MOMENTUM,
+      help="outer momentum of mlbfgs, momentum of sgd (a param-group setting of both)")
     a("--nesterov", action="store_true")
     a("--history-size", type=int, default=_DEFAULTS.history_size)
     a("--line-search", choices=LINE_SEARCHES, default="none",

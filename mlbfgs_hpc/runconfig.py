@@ -15,9 +15,10 @@ training tools follow: **the command line of the resumed run wins; the state con
   lr jumps from about 0 to half its peak), instead of the old plan's lr climbing back from 0.
   :func:`replan_schedule` does it for any schedule the trainer builds, by building the new
   one and stepping it to the current step.
-* **Param-group settings** (``--weight-decay``; ``--momentum``/``--nesterov`` of ``sgd``;
-  ``--line-search`` of ``lbfgs``, stored by torch as ``line_search_fn``/``max_eval``) are
-  set on the loaded param groups; mL-BFGS hyper-parameters are the new optimizer's.
+* **Param-group settings** (``--weight-decay``; ``--momentum`` of ``mlbfgs`` and ``sgd``;
+  ``--nesterov`` of ``sgd``; ``--line-search`` of ``lbfgs``, stored by torch as
+  ``line_search_fn``/``max_eval``) are set on the loaded param groups; the other mL-BFGS
+  hyper-parameters are the new optimizer's.
 * Everything else (checkpointing, logging, device, ...) simply takes the new value.
 """
 

@@ -31,7 +31,6 @@ BAD_CONFIG: list[tuple[str, Any]] = [
     ("curvature_eps", -1e-8), ("curvature_eps", INF), ("curvature_eps", NAN),
     ("clip", "KL"), ("clip", None), ("clip", "norm"),
     ("kl_clip", 0.0), ("kl_clip", -0.005), ("kl_clip", INF), ("kl_clip", NAN),
-    ("momentum", -0.1), ("momentum", 1.0), ("momentum", NAN),
     ("nesterov", 1), ("nesterov", "yes"),
 ]
 
@@ -48,15 +47,18 @@ def test_optimizer_rejects_bad_config_value(name: str, value: Any) -> None:
         MLBFGS([nn.Parameter(torch.zeros(3))], **{name: value})
 
 
-def test_nesterov_needs_momentum() -> None:
+def test_nesterov_needs_momentum_in_every_group() -> None:
+    p, q = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))
     with pytest.raises(ValueError, match="^nesterov must be.*momentum"):
-        MLBFGSConfig(nesterov=True, momentum=0.0)
-    assert MLBFGSConfig(nesterov=True, momentum=0.5).nesterov
+        MLBFGS([p], nesterov=True, momentum=0.0)
+    with pytest.raises(ValueError, match="^nesterov must be.*momentum"):
+        MLBFGS([{"params": [p]}, {"params": [q], "momentum": 0.0}], nesterov=True)
+    assert MLBFGS([p, q], nesterov=True, momentum=0.5).config.nesterov
 
 
 @pytest.mark.parametrize("kwargs", [
     {"history_size": 1, "update_freq": 1},
-    {"beta_param": 0.0, "beta_grad": 0.0, "damping": 0.0, "sigma_low": 0.0, "momentum": 0.0},
+    {"beta_param": 0.0, "beta_grad": 0.0, "damping": 0.0, "sigma_low": 0.0},
     {"beta_param": 0.999, "damping": 0.99, "sigma_high": 1.0001, "curvature_eps": 0.0},
     {"clip": "none", "kl_clip": 1e9},
 ])
@@ -70,8 +72,24 @@ def test_config_defaults_match_design() -> None:
     assert MLBFGSConfig().to_dict() == {
         "history_size": 10, "update_freq": 50, "beta_param": 0.9, "beta_grad": 0.9,
         "damping": 0.2, "sigma_low": 0.01, "sigma_high": 1.5, "curvature_eps": 1e-8,
-        "clip": "graft", "kl_clip": 0.005, "momentum": 0.9, "nesterov": False,
+        "clip": "graft", "kl_clip": 0.005, "nesterov": False,
         "pair_momentum": 0.0, "double_damping": 0.2}
+
+
+def test_momentum_defaults_to_the_design_in_every_group() -> None:
+    opt = MLBFGS([{"params": [nn.Parameter(torch.zeros(3))]},
+                  {"params": [nn.Parameter(torch.zeros(2))], "momentum": 0.5}])
+    assert [g["momentum"] for g in opt.param_groups] == [0.9, 0.5]
+    MLBFGS([nn.Parameter(torch.zeros(3))], momentum=0.0)   # 0: no outer momentum
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, NAN, INF, "0.9", None, True])
+def test_group_momentum_rejected_naming_argument(value: Any) -> None:
+    p = nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"^momentum must be in \[0, 1\)"):
+        MLBFGS([p], momentum=value)
+    with pytest.raises(ValueError, match=r"^momentum must be in \[0, 1\)"):
+        MLBFGS([{"params": [p], "momentum": value}])
 
 
 @pytest.mark.parametrize("name", ["lr", "weight_decay"])

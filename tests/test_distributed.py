@@ -40,6 +40,10 @@ RUNS = {  # name: (ranks, extra args); 0 ranks = plain python, no launcher
     # One step length for the whole direction: its factor needs every rank's block norms.
     "single_gg": (0, ["--clip", "graft-global"]),
     "p3_gg": (3, ["--clip", "graft-global", "--backend", "mpi"]),
+    # Per-group outer momentum (weights 0.5, then 0 for a while; biases 0.9): each rank
+    # applies its owned segments' own μ.
+    "single_gm": (0, ["--group-momentum"]),
+    "p3_gm": (3, ["--group-momentum", "--backend", "mpi"]),
     # The middle block (792 elements) on the direct (GEMV) H·g path, owned by rank 1 of 3.
     "single_di": (0, ["--direct-min-numel", "600"]),
     "p3_di": (3, ["--direct-min-numel", "600", "--backend", "mpi"]),
@@ -94,7 +98,7 @@ def test_every_gradient_path_equals_single_process(runs: dict[str, Path], path: 
                                                "last_gamma": record["counters"]["last_gamma"]}
 
 
-@pytest.mark.parametrize("variant", ["dd", "gg"])
+@pytest.mark.parametrize("variant", ["dd", "gg", "gm"])
 def test_option_on_p_ranks_equals_single_process(runs: dict[str, Path], variant: str) -> None:
     """An option that changes the trajectory ends, on 3 ranks, where one process does.
 
@@ -102,6 +106,8 @@ def test_option_on_p_ranks_equals_single_process(runs: dict[str, Path], variant:
     and each rank damps only the blocks it owns. ``gg``: ``clip="graft-global"`` scales every
     block by ONE factor from the norms of all blocks; each of the 3 ranks owns one of the 3
     blocks, so a factor from a rank's own blocks would end elsewhere than one process does.
+    ``gm``: two param groups with their own outer momentum, changed mid-run, applied by each
+    rank to the segments of its blocks.
     """
     with_option = _params(runs[f"single_{variant}"])
     assert_same_params(with_option, _params(runs[f"p3_{variant}"]), atol=ATOL)

@@ -83,8 +83,11 @@ SCHEDULERS: dict[str, Callable[[torch.optim.Optimizer], Any]] = {
     "PolynomialLR": lambda o: lr_scheduler.PolynomialLR(o, total_iters=10, power=2.0),
     "OneCycleLR": lambda o: lr_scheduler.OneCycleLR(o, max_lr=0.2, total_steps=12,
                                                     cycle_momentum=False),
+    "OneCycleLR-momentum": lambda o: lr_scheduler.OneCycleLR(o, max_lr=0.2, total_steps=12),
     "CyclicLR": lambda o: lr_scheduler.CyclicLR(o, base_lr=0.01, max_lr=0.2, step_size_up=3,
                                                 cycle_momentum=False),
+    "CyclicLR-momentum": lambda o: lr_scheduler.CyclicLR(o, base_lr=0.01, max_lr=0.2,
+                                                         step_size_up=3),
     "SequentialLR": lambda o: lr_scheduler.SequentialLR(
         o, [lr_scheduler.LinearLR(o, start_factor=0.1, total_iters=3),
             lr_scheduler.ExponentialLR(o, gamma=0.8)], milestones=[3]),
@@ -98,7 +101,8 @@ SCHEDULERS: dict[str, Callable[[torch.optim.Optimizer], Any]] = {
 @pytest.mark.parametrize("nesterov", [False, True])
 @pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_warmup_equals_sgd_under_every_scheduler(name: str, nesterov: bool) -> None:
-    """Before the first pair the step is SGD with momentum, at the group's current lr."""
+    """Before the first pair the step is SGD with momentum, at the group's current lr and
+    momentum (the ``-momentum`` schedulers cycle it)."""
     torch.manual_seed(0)
     ref_model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
@@ -109,6 +113,7 @@ def test_warmup_equals_sgd_under_every_scheduler(name: str, nesterov: bool) -> N
     scheds = [SCHEDULERS[name](sgd), SCHEDULERS[name](opt)]
     gen = torch.Generator().manual_seed(0)
     lrs: list[tuple[float, float]] = []
+    momenta: list[tuple[float, float]] = []
     for _ in range(12):
         x, y = torch.randn(8, 4, generator=gen, dtype=F64), torch.randn(8, 2, generator=gen,
                                                                         dtype=F64)
@@ -120,6 +125,7 @@ def test_warmup_equals_sgd_under_every_scheduler(name: str, nesterov: bool) -> N
             o.step()
             losses.append(float(loss.detach()))
         lrs.append((sgd.param_groups[0]["lr"], opt.param_groups[0]["lr"]))
+        momenta.append((sgd.param_groups[0]["momentum"], opt.param_groups[0]["momentum"]))
         for (m, o, s), loss in zip(((ref_model, sgd, scheds[0]), (model, opt, scheds[1])),
                                    losses):
             if isinstance(s, lr_scheduler.ReduceLROnPlateau):
@@ -128,16 +134,40 @@ def test_warmup_equals_sgd_under_every_scheduler(name: str, nesterov: bool) -> N
                 s.step()
     assert [a for a, _ in lrs] == [b for _, b in lrs]
     assert len({a for a, _ in lrs}) > 1                        # the schedule did change lr
+    assert [a for a, _ in momenta] == [b for _, b in momenta]
+    assert (len({a for a, _ in momenta}) > 1) == name.endswith("-momentum")
     for p, q in zip(ref_model.parameters(), model.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="momentum is an MLBFGS constructor constant, not a param-group key, "
-                          "so OneCycleLR/CyclicLR with the default cycle_momentum=True refuse it")
-def test_one_cycle_with_cycle_momentum() -> None:
-    opt = MLBFGS([nn.Parameter(torch.zeros(2))])
-    lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_groups_follow_their_own_momentum_as_sgd(nesterov: bool) -> None:
+    """Each group's outer momentum is its own, changed between steps as a scheduler would
+    (0 in between: the buffer waits, as SGD's does); before the first pair that is SGD."""
+    torch.manual_seed(2)
+    ref_model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    model.load_state_dict(ref_model.state_dict())
+
+    def groups(m: nn.Module) -> list[dict[str, Any]]:
+        return [{"params": m[0].parameters(), "momentum": 0.5},
+                {"params": m[2].parameters(), "momentum": 0.9}]
+
+    sgd = torch.optim.SGD(groups(ref_model), lr=0.1, momentum=0.9, nesterov=nesterov)
+    opt = MLBFGS(groups(model), lr=0.1, update_freq=1000, nesterov=nesterov)
+    plan = [(0.5, 0.9), (0.8, 0.9), (0.8, 0.0), (0.8, 0.0), (0.3, 0.7), (0.3, 0.7)]
+    gen = torch.Generator().manual_seed(0)
+    for momenta in plan:
+        x, y = torch.randn(8, 4, generator=gen, dtype=F64), torch.randn(8, 2, generator=gen,
+                                                                        dtype=F64)
+        for m, o in ((ref_model, sgd), (model, opt)):
+            for group, mu in zip(o.param_groups, momenta):
+                group["momentum"] = mu
+            o.zero_grad()
+            nn.functional.mse_loss(m(x), y).backward()
+            o.step()
+        for p, q in zip(ref_model.parameters(), model.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-14)
 
 
 # ---- non-finite gradients -------------------------------------------------------------------

@@ -6,47 +6,104 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
+from torch.optim import lr_scheduler
 
 from mlbfgs_hpc import MLBFGS, build_blocks
 from tests.optimizer_problems import batches, make_mlp, make_opt, train
 
 
 # ---- checkpoints ---------------------------------------------------------------------------
-def test_checkpoint_round_trip_continues_bit_identically() -> None:
+OptFactory = Callable[[nn.Module], tuple[MLBFGS, Any]]
+
+
+def _round_trip(make: OptFactory, *, on_saved: Callable[[MLBFGS], None],
+                on_loaded: Callable[[MLBFGS], None]) -> MLBFGS:
+    """24 steps uninterrupted, and 12 + a ``torch.save``/``torch.load`` round trip into a model
+    and optimizer built afresh from another initialisation + 12: the parameters must be equal
+    bit for bit. ``on_saved``/``on_loaded`` check the optimizer at the save, and right after
+    the load into the fresh one (given the scheduler's state too); returns the resumed one."""
     data = batches(24)
     model = make_mlp(0)
-    opt, sched = make_opt(model)
+    opt, sched = make(model)
     train(model, opt, sched, data)
     uninterrupted = [p.detach().clone() for p in model.parameters()]
 
     model = make_mlp(0)
-    opt, sched = make_opt(model)
+    opt, sched = make(model)
     train(model, opt, sched, data[:12])
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
                 "sched": sched.state_dict()}, buf)
-    # Pairs exist and every ring wrapped (pairs at t = 4, 6, ..., 12: 5 > m = 3).
-    for block_state in opt.state_dict()["state"].values():
-        assert int(block_state["count"]) == 3 and int(block_state["accepted"]) == 5
-        assert int(block_state["head"]) == 5 % 3
+    on_saved(opt)
     del model, opt, sched
 
     buf.seek(0)
     ckpt = torch.load(buf)  # the default (weights_only) loader: plain tensors and containers
     model = make_mlp(99)    # different initialisation: everything must come from the checkpoint
-    opt, sched = make_opt(model)
+    opt, sched = make(model)
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["opt"])
     sched.load_state_dict(ckpt["sched"])
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 2)
+    on_loaded(opt)
     train(model, opt, sched, data[12:])
     for a, b in zip(uninterrupted, model.parameters()):
         assert torch.equal(a, b.detach())
-    assert opt.counters["step"] == 24
+    return opt
+
+
+def test_checkpoint_round_trip_continues_bit_identically() -> None:
+    def rings_wrapped(opt: MLBFGS) -> None:
+        # Pairs exist and every ring wrapped (pairs at t = 4, 6, ..., 12: 5 > m = 3).
+        for block_state in opt.state_dict()["state"].values():
+            assert int(block_state["count"]) == 3 and int(block_state["accepted"]) == 5
+            assert int(block_state["head"]) == 5 % 3
+
+    def lr_restored(opt: MLBFGS) -> None:
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 2)
+
+    resumed = _round_trip(make_opt, on_saved=rings_wrapped, on_loaded=lr_restored)
+    assert resumed.counters["step"] == 24
+
+
+def test_one_cycle_momentum_round_trip_continues_bit_identically() -> None:
+    """The scheduler's momentum lives in the param groups, so the checkpoint carries it: a
+    resumed run steps with the saved μ, not the one a fresh scheduler starts from."""
+    def one_cycle(model: nn.Module) -> tuple[MLBFGS, lr_scheduler.OneCycleLR]:
+        opt = MLBFGS(model.parameters(), blocks=build_blocks(model), lr=0.1, history_size=3,
+                     update_freq=2)
+        return opt, lr_scheduler.OneCycleLR(opt, max_lr=0.2, total_steps=24)  # cycles μ
+
+    saved: list[float] = []
+    fresh_start = one_cycle(make_mlp(0))[0].param_groups[0]["momentum"]
+
+    def momentum_restored(opt: MLBFGS) -> None:
+        assert opt.param_groups[0]["momentum"] == saved[0] != fresh_start
+
+    _round_trip(one_cycle, on_saved=lambda opt: saved.append(opt.param_groups[0]["momentum"]),
+                on_loaded=momentum_restored)
+
+
+def test_state_without_group_momentum_keeps_the_constructors() -> None:
+    """States written while momentum was an optimizer-wide setting have no ``momentum`` in
+    their param groups: they load, and the groups keep this optimizer's momentum."""
+    data = batches(6)
+    model = make_mlp(0)
+    opt = MLBFGS(model.parameters(), blocks=build_blocks(model), momentum=0.9)
+    train(model, opt, lr_scheduler.StepLR(opt, step_size=5), data)
+    state = opt.state_dict()
+    for group in state["param_groups"]:
+        del group["momentum"]
+    fresh = make_mlp(0)
+    other = MLBFGS(fresh.parameters(), blocks=build_blocks(fresh), momentum=0.5)
+    other.load_state_dict(state)
+    assert other.param_groups[0]["momentum"] == 0.5
+    assert other.counters["step"] == 6
 
 
 def test_state_dict_is_a_snapshot_not_a_view() -> None:

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlbfgs_hpc import runconfig, train
+from mlbfgs_hpc import MLBFGS, runconfig, train
 from mlbfgs_hpc.checkpoint import CheckpointReader
 from mlbfgs_hpc.rundir import LOCK_NAME, RunDirBusyError, RunDirLock
 from mlbfgs_hpc.seeding import seed_everything
@@ -180,6 +180,25 @@ def test_resume_with_other_steps_extends_and_replans(tmp_path: Path) -> None:
     assert [r["step"] for r in read_metrics(run) if r["event"] == "train"][-1] == 30
 
 
+@pytest.mark.parametrize("new_momentum", [0.9, 0.5])
+def test_resume_rule_sets_mlbfgs_momentum_on_the_loaded_groups(new_momentum: float) -> None:
+    """mL-BFGS's momentum is a param-group setting: the loaded groups carry the checkpoint's,
+    a changed ``--momentum`` replaces it, an unchanged one leaves it (a scheduler's value)."""
+    def fresh() -> MLBFGS:
+        return MLBFGS([torch.nn.Parameter(torch.ones(2))], lr=0.1, momentum=new_momentum)
+
+    saved_opt = MLBFGS([torch.nn.Parameter(torch.ones(2))], lr=0.1, momentum=0.9)
+    saved_opt.param_groups[0]["momentum"] = 0.85   # as a momentum-cycling scheduler leaves it
+    optimizer = fresh()
+    optimizer.load_state_dict(saved_opt.state_dict())
+    assert optimizer.param_groups[0]["momentum"] == 0.85
+    changes = runconfig.apply_on_resume(
+        {"momentum": 0.9}, {"momentum": new_momentum}, optimizer=optimizer, scheduler=None,
+        step=0, total_steps=10, lr=0.1, build_scheduler=lambda o: None, report=False)
+    assert [c.key for c in changes] == ([] if new_momentum == 0.9 else ["momentum"])
+    assert optimizer.param_groups[0]["momentum"] == (0.85 if new_momentum == 0.9 else 0.5)
+
+
 def test_resume_rule_new_settings_win_and_the_schedule_is_replanned() -> None:
     """runconfig.apply_on_resume on a loaded optimizer: changed param-group settings are set,
     the schedule is the new settings' one at the resumed step, unchanged settings stay."""
@@ -310,6 +329,8 @@ def test_busy_run_dir_under_mpirun_every_rank_stops_rank_0_reports(tmp_path: Pat
     (["--lr", "-1"], "--lr must be a finite number >= 0, got -1.0"),
     (["--history-size", "0"], "--history-size must be an integer >= 1, got 0"),
     (["--sigma-high", "0.5"], "--sigma-high must be a finite number > 1"),
+    (["--momentum", "1"], "--momentum must be in [0, 1), got 1.0"),
+    (["--momentum", "0", "--nesterov"], "--nesterov must be False when momentum == 0"),
     (["--steps", "0"], "--steps must be an integer >= 1"),
     (["--data-root", "/nonexistent/fmnist"], "--data-root /nonexistent/fmnist: no such directory"),
     (["--model", "nope"], "argument --model: invalid choice: 'nope'"),

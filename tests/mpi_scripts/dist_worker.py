@@ -46,6 +46,9 @@ def main() -> None:
     parser.add_argument("--direct-min-numel", type=int, default=None,
                         help="blocks this large take the direct (GEMV) H·g, in place of the "
                              "CPU's 2**17 (the worker's blocks are 544, 792 and 100)")
+    parser.add_argument("--group-momentum", action="store_true",
+                        help="weights and biases in two param groups with outer momenta 0.5 "
+                             "and 0.9, the weights' set to 0 for steps 10-14")
     args = parser.parse_args()
     if args.direct_min_numel is not None:
         threshold = args.direct_min_numel
@@ -71,7 +74,12 @@ def train(args: argparse.Namespace, comm: Any, backend: str, grad_reduce: str, n
     gen = torch.Generator().manual_seed(1)
     x_all = torch.randn(512, 16, generator=gen, dtype=dtype)
     y_all = (x_all[:, :4] * 3).argmax(1)
-    optimizer = MLBFGS(model.parameters(), blocks=build_blocks(model), lr=0.05,
+    params: Any = model.parameters()
+    if args.group_momentum:   # each block holds a weight and a bias: segments interleave
+        params = [{"params": [p for n, p in model.named_parameters() if n.endswith("weight")],
+                   "momentum": 0.5},
+                  {"params": [p for n, p in model.named_parameters() if n.endswith("bias")]}]
+    optimizer = MLBFGS(params, blocks=build_blocks(model), lr=0.05,
                        update_freq=args.update_freq, comm=comm, grad_backend=backend,
                        grad_reduce=grad_reduce, double_damping=args.double_damping, clip=args.clip,
                        node_aware={"auto": None, "on": True, "off": False}[node],
@@ -89,6 +97,8 @@ def train(args: argparse.Namespace, comm: Any, backend: str, grad_reduce: str, n
         if step == args.nan_step and comm.rank == min(1, comm.size - 1):
             x = x.clone()
             x[0, 0] = float("nan")
+        if args.group_momentum:
+            optimizer.param_groups[0]["momentum"] = 0.0 if 10 <= step < 15 else 0.5
         optimizer.zero_grad()
         loss = torch.nn.functional.cross_entropy(model(x), y, reduction="sum")
         (loss * comm.size / args.batch).backward()
