@@ -30,9 +30,9 @@ __all__ = ["UsageError", "HelpFormatter", "ArgumentParser", "launcher_rank",
            "print_usage_error", "validate_train_args", "train_args_ok", "FLAG_RULES"]
 
 # Rank variables of the launchers comm.py recognises (Open MPI, PMIx/srun, MPICH/Hydra,
-# MVAPICH) and SLURM's own task id.
+# MVAPICH), SLURM's own task id, and horovodrun's on Gloo (refused, by rank 0 alone).
 _RANK_VARIABLES: tuple[str, ...] = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK",
-                                    "MV2_COMM_WORLD_RANK", "SLURM_PROCID")
+                                    "MV2_COMM_WORLD_RANK", "SLURM_PROCID", "HOROVOD_RANK")
 
 
 class UsageError(ValueError):

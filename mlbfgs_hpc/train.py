@@ -33,7 +33,7 @@ from . import checkpoint as ckpt
 from . import cli, runconfig
 from .blocks import build_blocks
 from .cli import UsageError
-from .comm import GradientReducer, LocalCommunicator, init_communicator
+from .comm import GradientReducer, LauncherError, LocalCommunicator, init_communicator
 from .data import DatasetSplit, GlobalBatchSampler, load_dataset, shard_bounds
 from .device import resolve_device
 from .models import SEQUENCE_MODELS, build_model
@@ -55,14 +55,19 @@ def main(argv: list[str] | None = None) -> int:
     IGNORED on return, so that a warning arriving once the exit code is decided (during the
     seconds of interpreter, Horovod and MPI shutdown) cannot turn 0 or 99 into 138. Embedders
     wanting their handlers back use :meth:`Trainer.run`, which restores them.
-    Exit code 2 (one line from rank 0): a bad flag value, missing data, a busy run directory.
+    Exit code 2 (one line from rank 0): a bad flag value, missing data, a busy run directory,
+    several processes started without MPI (``horovodrun`` on Gloo).
     """
     args = build_parser().parse_args(argv)
     if not cli.train_args_ok(args):
         return 2
     stop = StopRequest()
     try:
-        comm = init_communicator()
+        try:
+            comm = init_communicator()
+        except LauncherError as exc:
+            cli.print_usage_error("mlbfgs-train", str(exc), rank=cli.launcher_rank())
+            return 2
         _setup_logging(comm.rank)
         try:
             with hold_run_dir(args.run_dir, comm):

@@ -365,6 +365,49 @@ def test_under_mpirun_only_rank_0_reports(flags: list[str], tmp_path: Path) -> N
     assert expected in errors[0], errors
 
 
+@pytest.mark.timeout(400)
+def test_horovodrun_trains_as_mpirun_does(tmp_path: Path) -> None:
+    """``horovodrun -np 2 -H localhost:2`` (Horovod's launcher, on MPI) ends in the bitwise
+    state of ``mpirun -np 2`` with the same arguments (pairs formed: T = 4, 12 steps)."""
+    args = [*ARGS, "--steps", "12"]
+    code, out = run_training([*args, "--run-dir", str(tmp_path / "mpirun")],
+                             log=tmp_path / "mpirun.log", ranks=2, timeout=180)
+    assert code == 0, out[-3000:]
+    horovodrun = str(Path(PYTHON).parent / "horovodrun")
+    proc = subprocess.run([horovodrun, "-np", "2", "-H", "localhost:2",
+                           *train_command([*args, "--run-dir", str(tmp_path / "hvd")])],
+                          capture_output=True, text=True, env=train_env(), cwd=REPO,
+                          timeout=180)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    metrics = read_metrics(tmp_path / "hvd")
+    assert metrics[-1]["world_size"] == 2 and metrics[-1]["accepted_pairs"] > 0, metrics[-1]
+    assert_same_final_state(tmp_path / "mpirun", tmp_path / "hvd")
+
+
+def test_processes_started_without_mpi_are_refused(tmp_path: Path) -> None:
+    """``horovodrun`` on Gloo exports HOROVOD_RANK/HOROVOD_SIZE and no MPI variable (Horovod's
+    ``gloo_run``): every process would train alone. Both exit 2, rank 0 alone says why, and
+    nothing is trained. (This Horovod has no Gloo, so the two processes are started here
+    with the environment ``gloo_run`` gives them.)"""
+    procs = [subprocess.Popen(train_command([*ARGS, "--run-dir", str(tmp_path / "r")]),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=train_env(HOROVOD_RANK=str(rank), HOROVOD_SIZE="2"),
+                              cwd=REPO)
+             for rank in (0, 1)]
+    outputs = [proc.communicate(timeout=120) for proc in procs]
+    assert [proc.returncode for proc in procs] == [2, 2], outputs
+    (out0, err0), (out1, err1) = outputs
+    assert err0.startswith("mlbfgs-train: error: started by horovodrun with Gloo (2 processes")
+    assert "horovodrun --mpi" in err0 and len(err0.splitlines()) == 1, err0
+    assert out1 + err1 == "", err1
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+    # MLBFGS_COMM=local says "one process on purpose": it trains.
+    proc = subprocess.run(train_command([*ARGS, "--steps", "2", "--run-dir", str(tmp_path / "l")]),
+                          capture_output=True, text=True, cwd=REPO, timeout=120,
+                          env=train_env(HOROVOD_RANK="0", HOROVOD_SIZE="2", MLBFGS_COMM="local"))
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_internal_errors_keep_their_traceback(tmp_path: Path) -> None:
     """A genuine bug (here: the training loop raising) is not a usage error: traceback."""
     code = ("import sys\n"

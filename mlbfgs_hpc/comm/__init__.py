@@ -55,6 +55,7 @@ never share a communicator.
 from __future__ import annotations
 
 from .communicator import (
+    LauncherError,
     LocalCommunicator,
     MPICommunicator,
     init_communicator,
@@ -72,6 +73,7 @@ from .topology import HostLayout, NodePlan, node_plan
 
 __all__ = [
     "GRAD_BACKENDS", "GRAD_REDUCE_MODES", "GradBackend", "GradReduce", "GradientReducer",
-    "HostLayout", "LocalCommunicator", "MPICommunicator", "NodePlan", "init_communicator",
+    "HostLayout", "LauncherError", "LocalCommunicator", "MPICommunicator", "NodePlan",
+    "init_communicator",
     "launched_by_mpi", "node_plan", "tensor_digest",
 ]

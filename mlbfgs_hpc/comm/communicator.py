@@ -36,6 +36,11 @@ _LAUNCHER_MARKERS: tuple[str, ...] = (
     "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
+class LauncherError(RuntimeError):
+    """Several processes were started without MPI (``horovodrun`` on Gloo): each would train
+    alone."""
+
+
 def launched_by_mpi() -> bool:
     """True when an MPI launcher started this process (override: ``MLBFGS_COMM=local|mpi``)."""
     forced = os.environ.get("MLBFGS_COMM", "").lower()
@@ -346,10 +351,21 @@ class _on_host:  # noqa: N801 - used as a context manager, reads like a function
 def init_communicator(*, abort_on_exception: bool = True) -> LocalCommunicator:
     """The communicator for this process: MPI under a launcher, local otherwise.
 
+    Raises:
+        LauncherError: ``horovodrun`` started several processes without MPI (Gloo).
+
     A launcher that starts a single rank (``mpirun -np 1``) also gets the local communicator:
     with one rank every collective is the identity.
     """
     if not launched_by_mpi():
+        gloo_size = os.environ.get("HOROVOD_SIZE", "1")
+        if os.environ.get("MLBFGS_COMM", "").lower() != "local" and gloo_size not in ("", "1"):
+            # horovodrun without MPI (a Horovod built with Gloo only, or --gloo) exports
+            # HOROVOD_SIZE but no MPI variable: MPI would not start, and every process would
+            # train alone as rank 0 of 1. Refuse instead of running N unrelated trainings.
+            raise LauncherError(
+                f"started by horovodrun with Gloo ({gloo_size} processes, no MPI launcher): "
+                "mlbfgs-hpc's collectives need MPI; use `horovodrun --mpi`, mpirun or srun")
         return LocalCommunicator()
     comm = MPICommunicator(abort_on_exception=abort_on_exception)
     if comm.size == 1:
