@@ -106,6 +106,7 @@ FLAG_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("eval_every", lambda v: v >= 0, "an integer >= 0 (0: every epoch)"),
     ("synthetic_size", lambda v: v >= 1, "an integer >= 1"),
     ("threads", _optional(lambda v: v >= 1), "an integer >= 1"),
+    ("max_grad_norm", _optional(lambda v: _finite(v) and v > 0), "a finite number > 0"),
 )
 
 

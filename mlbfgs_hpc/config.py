@@ -60,6 +60,9 @@ class MLBFGSConfig:
             ~ yᵀHy/sᵀy); 0: off. Default 0.2 (their value): at global batch 1,024 and
             4,096 H·g blew up without it (BENCHMARKS.md §9.5, §9.7), at batch 128 and on
             every task of the lr ½×/1×/2× protocol it changes nothing measurable (§9.3).
+        max_grad_norm: clip the averaged gradient (before weight decay, as
+            ``torch.nn.utils.clip_grad_norm_`` before a torch optimizer's step) to this global
+            norm over all blocks on all ranks; ``None``: no clipping.
     """
 
     history_size: int = 10
@@ -75,6 +78,7 @@ class MLBFGSConfig:
     nesterov: bool = False
     pair_momentum: float = 0.0
     double_damping: float = 0.2
+    max_grad_norm: float | None = None
 
     def __post_init__(self) -> None:
         _require(_integer(self.history_size) and self.history_size >= 1,
@@ -100,6 +104,9 @@ class MLBFGSConfig:
                  "pair_momentum", "in [0, 1)", self.pair_momentum)
         _require(_finite(self.double_damping) and 0.0 <= self.double_damping < 1.0,
                  "double_damping", "in [0, 1)", self.double_damping)
+        _require(self.max_grad_norm is None or (_finite(self.max_grad_norm)
+                                                and self.max_grad_norm > 0.0),
+                 "max_grad_norm", "None or a finite number > 0", self.max_grad_norm)
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)

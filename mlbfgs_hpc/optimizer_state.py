@@ -8,8 +8,10 @@ that the saved block table is this model's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+import torch
 
 from .blocks import ParamBlock
 
@@ -52,3 +54,31 @@ def check_saved_state(state_dict: dict[str, Any], *, blocks: Sequence[ParamBlock
         raise ValueError(f"optimizer state lacks owned blocks {missing}")
     if len(state_dict["param_groups"]) != n_groups:
         raise ValueError("optimizer state has a different number of param groups")
+
+
+def pack_state(*, block_states: Iterable[tuple[int, Mapping[str, torch.Tensor]]],
+               global_state: Mapping[str, torch.Tensor],
+               param_groups: Sequence[dict[str, Any]], config: dict[str, Any],
+               blocks: Sequence[ParamBlock]) -> dict[str, Any]:
+    """``MLBFGS.state_dict()``: copies of the given blocks' tensors and of the counters, the
+    param groups (:func:`param_group_table`), the config and the block table."""
+    return {
+        "format_version": STATE_FORMAT_VERSION,
+        "state": {b: {k: v.clone() for k, v in tensors.items()} for b, tensors in block_states},
+        "global": {k: v.clone() for k, v in global_state.items()},
+        "param_groups": param_group_table(param_groups),
+        "config": config,
+        "blocks": [{"name": b.name, "param_names": list(b.param_names), "numel": b.numel}
+                   for b in blocks],
+    }
+
+
+def load_group_settings(param_groups: Sequence[dict[str, Any]],
+                        saved_groups: Sequence[Mapping[str, Any]]) -> None:
+    """Set every saved hyper-parameter (lr, momentum, a scheduler's keys, ...) on the live
+    groups. A key the saved groups lack keeps the live value: states written while momentum
+    was optimizer-wide load with this optimizer's momentum."""
+    for group, saved_group in zip(param_groups, saved_groups):
+        for key, value in saved_group.items():
+            if key != "params":
+                group[key] = value

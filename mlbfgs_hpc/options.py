@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="mu1 of double damping's first stage (s towards H*y so that s'y >= mu1*y'Hy; "
            "Goldfarb et al. 2020): bounds H's growth from noisy pairs; 0: off "
            "(default %(default)s)")
+    a("--max-grad-norm", type=float, default=None,
+      help="clip the averaged gradient to this global norm before each step, for every "
+           "optimizer (default: no clipping); its norm is logged as grad_norm")
     a("--block-size", type=int, default=None,
       help="parameters per curvature block (default: one layer per block)")
     a("--seed", type=int, default=0)

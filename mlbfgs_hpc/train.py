@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -143,6 +144,7 @@ class Trainer:
         comm.broadcast_tensors_(list(self.model.parameters()) + list(self.model.buffers()))
         self.lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
         self.reducer: GradientReducer | None = None
+        self.grad_norm = math.nan   # a baseline's gradient norm before --max-grad-norm
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler()
         self.step = 0
@@ -184,7 +186,7 @@ class Trainer:
                 damping=a.damping, sigma_low=a.sigma_low, sigma_high=a.sigma_high,
                 curvature_eps=a.curvature_eps, clip=a.clip, kl_clip=a.kl_clip,
                 momentum=a.momentum, nesterov=a.nesterov, pair_momentum=a.pair_momentum,
-                double_damping=a.double_damping,
+                double_damping=a.double_damping, max_grad_norm=a.max_grad_norm,
                 comm=self.comm, grad_backend=a.grad_backend, grad_reduce=a.grad_reduce,
                 node_aware=NODE_AWARE_CHOICES[a.node_aware])
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -359,6 +361,11 @@ class Trainer:
                 (loss_sum * scale).backward()
             if self.reducer is not None:
                 self.reducer.synchronize()
+            if self.args.max_grad_norm is not None and not isinstance(self.optimizer, MLBFGS):
+                # The baselines' gradients are averaged on every rank by now (allreduce), so
+                # every rank clips by the same factor. (MLBFGS clips inside its step.)
+                self.grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                    self.model.parameters(), self.args.max_grad_norm))
             # detach(): float() of a tensor that requires grad warns on every step.
             local = float(loss_sum.detach())
             if not first:
@@ -414,6 +421,12 @@ class Trainer:
         return self.elapsed_before + time.monotonic() - self.start_time
 
     def _counters(self) -> dict[str, Any]:
+        clipping = {} if self.args.max_grad_norm is None else {
+            "grad_norm": (self.optimizer.last_grad_norm if isinstance(self.optimizer, MLBFGS)
+                          else self.grad_norm)}
+        return {**clipping, **self._optimizer_counters()}
+
+    def _optimizer_counters(self) -> dict[str, Any]:
         if isinstance(self.optimizer, MLBFGS):
             return {**{k: v for k, v in self.optimizer.counters.items() if k != "step"},
                     **self.optimizer.diagnostics}

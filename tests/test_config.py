@@ -32,6 +32,8 @@ BAD_CONFIG: list[tuple[str, Any]] = [
     ("clip", "KL"), ("clip", None), ("clip", "norm"),
     ("kl_clip", 0.0), ("kl_clip", -0.005), ("kl_clip", INF), ("kl_clip", NAN),
     ("nesterov", 1), ("nesterov", "yes"),
+    ("max_grad_norm", 0.0), ("max_grad_norm", -1.0), ("max_grad_norm", NAN),
+    ("max_grad_norm", INF), ("max_grad_norm", "1"),
 ]
 
 
@@ -73,7 +75,7 @@ def test_config_defaults_match_design() -> None:
         "history_size": 10, "update_freq": 50, "beta_param": 0.9, "beta_grad": 0.9,
         "damping": 0.2, "sigma_low": 0.01, "sigma_high": 1.5, "curvature_eps": 1e-8,
         "clip": "graft", "kl_clip": 0.005, "nesterov": False,
-        "pair_momentum": 0.0, "double_damping": 0.2}
+        "pair_momentum": 0.0, "double_damping": 0.2, "max_grad_norm": None}
 
 
 def test_momentum_defaults_to_the_design_in_every_group() -> None:

@@ -44,6 +44,12 @@ RUNS = {  # name: (ranks, extra args); 0 ranks = plain python, no launcher
     # applies its owned segments' own μ.
     "single_gm": (0, ["--group-momentum"]),
     "p3_gm": (3, ["--group-momentum", "--backend", "mpi"]),
+    # Gradient clipping to a global norm: inside the step (3 ranks, reduce-scatter: each
+    # rank holds only its slice), and by the user with torch's clip_grad_norm_ between
+    # optimizer.synchronize() and step() (2 ranks, Horovod allreduce from the hooks).
+    "single_cn": (0, ["--max-grad-norm", "0.3"]),
+    "p3_cn": (3, ["--max-grad-norm", "0.3", "--backend", "mpi"]),
+    "p2_uc": (2, ["--user-clip", "0.3", "--grad-reduce", "allreduce"]),
     # The middle block (792 elements) on the direct (GEMV) H·g path, owned by rank 1 of 3.
     "single_di": (0, ["--direct-min-numel", "600"]),
     "p3_di": (3, ["--direct-min-numel", "600", "--backend", "mpi"]),
@@ -98,7 +104,7 @@ def test_every_gradient_path_equals_single_process(runs: dict[str, Path], path: 
                                                "last_gamma": record["counters"]["last_gamma"]}
 
 
-@pytest.mark.parametrize("variant", ["dd", "gg", "gm"])
+@pytest.mark.parametrize("variant", ["dd", "gg", "gm", "cn"])
 def test_option_on_p_ranks_equals_single_process(runs: dict[str, Path], variant: str) -> None:
     """An option that changes the trajectory ends, on 3 ranks, where one process does.
 
@@ -107,7 +113,8 @@ def test_option_on_p_ranks_equals_single_process(runs: dict[str, Path], variant:
     block by ONE factor from the norms of all blocks; each of the 3 ranks owns one of the 3
     blocks, so a factor from a rank's own blocks would end elsewhere than one process does.
     ``gm``: two param groups with their own outer momentum, changed mid-run, applied by each
-    rank to the segments of its blocks.
+    rank to the segments of its blocks. ``cn``: ``max_grad_norm``, whose factor needs the
+    norm over every rank's slice.
     """
     with_option = _params(runs[f"single_{variant}"])
     assert_same_params(with_option, _params(runs[f"p3_{variant}"]), atol=ATOL)
@@ -116,6 +123,14 @@ def test_option_on_p_ranks_equals_single_process(runs: dict[str, Path], variant:
     single = _records(runs[f"single_{variant}"])[0]["counters"]
     for record in _records(runs[f"p3_{variant}"]):
         assert record["counters"]["accepted_pairs"] == single["accepted_pairs"] > 0
+
+
+def test_user_clipping_after_synchronize_equals_clipping_in_the_step(
+        runs: dict[str, Path]) -> None:
+    """``optimizer.synchronize()`` then torch's ``clip_grad_norm_`` on 2 Horovod ranks (the
+    hooks' allreduce finished, so ``.grad`` is the average everywhere and ``step()`` does not
+    average again) ends where one process clipping inside the step does."""
+    assert_same_params(_params(runs["single_cn"]), _params(runs["p2_uc"]), atol=ATOL)
 
 
 def test_direct_block_on_p_ranks_equals_single_process_and_the_chunked_step(

@@ -98,18 +98,25 @@ SCHEDULERS: dict[str, Callable[[torch.optim.Optimizer], Any]] = {
 }
 
 
+def _sgd_twins(*, seed: int, nesterov: bool, **mlbfgs_kw: Any
+               ) -> tuple[nn.Module, nn.Module, torch.optim.SGD, MLBFGS]:
+    """Two copies of one small float64 model: SGD (momentum 0.9, weight decay 0.01) on the
+    first, MLBFGS with no pair in sight (T = 1000) and the same settings on the second."""
+    torch.manual_seed(seed)
+    ref_model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    model.load_state_dict(ref_model.state_dict())
+    kw = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01, "nesterov": nesterov}
+    return (ref_model, model, torch.optim.SGD(ref_model.parameters(), **kw),
+            MLBFGS(model.parameters(), update_freq=1000, **kw, **mlbfgs_kw))
+
+
 @pytest.mark.parametrize("nesterov", [False, True])
 @pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_warmup_equals_sgd_under_every_scheduler(name: str, nesterov: bool) -> None:
     """Before the first pair the step is SGD with momentum, at the group's current lr and
     momentum (the ``-momentum`` schedulers cycle it)."""
-    torch.manual_seed(0)
-    ref_model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
-    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
-    model.load_state_dict(ref_model.state_dict())
-    kw = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01, "nesterov": nesterov}
-    sgd = torch.optim.SGD(ref_model.parameters(), **kw)
-    opt = MLBFGS(model.parameters(), update_freq=1000, **kw)
+    ref_model, model, sgd, opt = _sgd_twins(seed=0, nesterov=nesterov)
     scheds = [SCHEDULERS[name](sgd), SCHEDULERS[name](opt)]
     gen = torch.Generator().manual_seed(0)
     lrs: list[tuple[float, float]] = []
@@ -168,6 +175,66 @@ def test_groups_follow_their_own_momentum_as_sgd(nesterov: bool) -> None:
             o.step()
         for p, q in zip(ref_model.parameters(), model.parameters()):
             torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-14)
+
+
+# ---- gradient clipping and synchronize() ----------------------------------------------------
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_max_grad_norm_is_clip_grad_norm_then_the_step(nesterov: bool) -> None:
+    """Before the first pair, ``max_grad_norm=c`` steps as ``clip_grad_norm_(c)`` followed
+    by SGD (weight decay after the clip, as torch's), and reports the norm it clipped."""
+    ref_model, model, sgd, opt = _sgd_twins(seed=3, nesterov=nesterov, max_grad_norm=0.5)
+    gen = torch.Generator().manual_seed(0)
+    clipped = 0
+    for step in range(10):
+        # Large targets for the first steps: norms above 0.5 (clipped), then below (not).
+        size = 10.0 if step < 5 else 0.01
+        x = torch.randn(8, 4, generator=gen, dtype=F64)
+        y = size * torch.randn(8, 2, generator=gen, dtype=F64)
+        for m, o in ((ref_model, sgd), (model, opt)):
+            o.zero_grad()
+            nn.functional.mse_loss(m(x), y).backward()
+            if o is sgd:
+                norm = float(torch.nn.utils.clip_grad_norm_(m.parameters(), 0.5))
+            o.step()
+        assert opt.last_grad_norm == pytest.approx(norm, rel=1e-12)
+        clipped += norm > 0.5
+        for p, q in zip(ref_model.parameters(), model.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-14)
+    assert 0 < clipped < 10
+
+
+def test_without_max_grad_norm_nothing_is_clipped_or_measured() -> None:
+    p = nn.Parameter(torch.full((3,), 100.0))
+    opt = MLBFGS([p], lr=0.1, momentum=0.0, update_freq=1000)
+    p.grad = torch.full((3,), 100.0)
+    opt.step()
+    assert torch.equal(p.detach(), torch.full((3,), 90.0))
+    assert math.isnan(opt.last_grad_norm)
+
+
+def test_synchronize_then_step_waits_once_per_backward() -> None:
+    """``synchronize()`` before ``step()`` averages once: step() does not wait again, and
+    the next backward's gradients are averaged afresh (here: a counting reducer)."""
+    p = nn.Parameter(torch.zeros(3))
+    opt = MLBFGS([p], lr=0.1, momentum=0.0, update_freq=1000, grad_backend=None)
+    calls: list[int] = []
+
+    class Counting:
+        owned_grad = None
+
+        def synchronize(self) -> None:
+            calls.append(1)
+
+    opt._reducer = Counting()  # type: ignore[assignment]
+    for _ in range(3):
+        p.grad = torch.ones(3)
+        opt.synchronize()
+        opt.synchronize()
+        opt.step()
+    p.grad = torch.ones(3)
+    opt.step()
+    opt.step(lambda: torch.tensor(0.0))   # a closure runs a new backward: it waits again
+    assert len(calls) == 5
 
 
 # ---- non-finite gradients -------------------------------------------------------------------

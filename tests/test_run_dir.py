@@ -330,6 +330,7 @@ def test_busy_run_dir_under_mpirun_every_rank_stops_rank_0_reports(tmp_path: Pat
     (["--history-size", "0"], "--history-size must be an integer >= 1, got 0"),
     (["--sigma-high", "0.5"], "--sigma-high must be a finite number > 1"),
     (["--momentum", "1"], "--momentum must be in [0, 1), got 1.0"),
+    (["--max-grad-norm", "0"], "--max-grad-norm must be a finite number > 0, got 0.0"),
     (["--momentum", "0", "--nesterov"], "--nesterov must be False when momentum == 0"),
     (["--steps", "0"], "--steps must be an integer >= 1"),
     (["--data-root", "/nonexistent/fmnist"], "--data-root /nonexistent/fmnist: no such directory"),
@@ -363,6 +364,26 @@ def test_under_mpirun_only_rank_0_reports(flags: list[str], tmp_path: Path) -> N
     assert len(errors) == 1 and "Traceback" not in out, out
     expected = "--lr must be" if "--lr" in flags else f"Fashion-MNIST file {empty}/"
     assert expected in errors[0], errors
+
+
+@pytest.mark.parametrize("optimizer", ["mlbfgs", "sgd"])
+def test_max_grad_norm_clips_and_logs_the_norm(optimizer: str, tmp_path: Path) -> None:
+    """``--max-grad-norm``: every optimizer's train records carry the gradient's norm before
+    the clip, and a tiny bound changes the run (it clipped); without it there is no norm."""
+    finals = {}
+    for bound in (None, "1e-3"):
+        run = tmp_path / str(bound)
+        flags = [] if bound is None else ["--max-grad-norm", bound]
+        code, out = run_training([*ARGS, "--optimizer", optimizer, "--steps", "6",
+                                  "--run-dir", str(run), *flags], log=tmp_path / "log")
+        assert code == 0, out[-3000:]
+        records = [r for r in read_metrics(run) if r["event"] == "train"]
+        if bound is None:
+            assert all("grad_norm" not in r for r in records)
+        else:
+            assert len(records) == 6 and all(1e-3 < r["grad_norm"] < 1e3 for r in records)
+        finals[bound] = records[-1]["loss"]
+    assert finals[None] != finals["1e-3"]
 
 
 @pytest.mark.timeout(400)

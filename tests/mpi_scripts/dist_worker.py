@@ -49,6 +49,11 @@ def main() -> None:
     parser.add_argument("--group-momentum", action="store_true",
                         help="weights and biases in two param groups with outer momenta 0.5 "
                              "and 0.9, the weights' set to 0 for steps 10-14")
+    parser.add_argument("--max-grad-norm", type=float, default=None,
+                        help="MLBFGS(max_grad_norm=...): clipping inside the step")
+    parser.add_argument("--user-clip", type=float, default=None,
+                        help="optimizer.synchronize(), then torch's clip_grad_norm_ on the "
+                             "averaged .grad (needs --grad-reduce allreduce), then step()")
     args = parser.parse_args()
     if args.direct_min_numel is not None:
         threshold = args.direct_min_numel
@@ -83,7 +88,7 @@ def train(args: argparse.Namespace, comm: Any, backend: str, grad_reduce: str, n
                        update_freq=args.update_freq, comm=comm, grad_backend=backend,
                        grad_reduce=grad_reduce, double_damping=args.double_damping, clip=args.clip,
                        node_aware={"auto": None, "on": True, "off": False}[node],
-                       grad_overlap=overlap)
+                       grad_overlap=overlap, max_grad_norm=args.max_grad_norm)
     # Model block ids of this rank's direct blocks (the batched object counts owned blocks).
     direct_blocks = [optimizer.owned_blocks[k] for k in optimizer._batched.direct_blocks]
     timings: list[float] = []
@@ -102,6 +107,9 @@ def train(args: argparse.Namespace, comm: Any, backend: str, grad_reduce: str, n
         optimizer.zero_grad()
         loss = torch.nn.functional.cross_entropy(model(x), y, reduction="sum")
         (loss * comm.size / args.batch).backward()
+        if args.user_clip is not None:
+            optimizer.synchronize()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.user_clip)
         start = time.perf_counter()
         optimizer.step()
         timings.append(time.perf_counter() - start)
