@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -41,6 +42,7 @@ from .config import DEFAULT_MOMENTUM, MLBFGSConfig, validate_group_hyperparamete
 from .curvature import BlockCurvature
 from .flatops import clip_factor, gradient_row, heavy_ball_
 from .layout import build_local_layout
+from .pairs import PairFormer
 from .optimizer_state import (FLAT_STATE_KEYS, GLOBAL_STATE_KEYS, check_saved_state,
                               load_group_settings, pack_state)
 from .partition import Ownership
@@ -174,6 +176,19 @@ class MLBFGS(torch.optim.Optimizer):
         self.grad_backend = grad_backend
         self.grad_reduce = grad_reduce
         self.node_aware = self.comm.resolve_node_aware(node_aware)
+        # Any backward pass makes new gradients: synchronize() must wait for them again, even
+        # when no step() came in between (a GradScaler that skipped an overflowed step).
+        # (A weak reference: the hooks live as long as the parameters and must not keep a
+        # discarded optimizer alive.)
+        changed = weakref.WeakMethod(self._gradients_changed)
+
+        def hook(param: torch.Tensor) -> None:
+            method = changed()
+            if method is not None:
+                method(param)
+
+        for param in self._layout_params:
+            param.register_post_accumulate_grad_hook(hook)
         logger.debug("rank %d owns blocks %s (%d of %d parameters)", self.comm.rank,
                      self.owned_blocks, self._owned_numel, self.ownership.total_numel)
 
@@ -225,17 +240,12 @@ class MLBFGS(torch.optim.Optimizer):
         sizes = layout.param_sizes
         self._grad_views = list(self._grad.split(sizes))
         self._param_views = list(self._param.split(sizes))
-        # The smoothed pairs of ``pair_momentum`` (off by default, so not in the checkpointed
-        # block state: a run that turns it on restarts the smoothing on resume).
-        self._pair_s = torch.zeros(n if self.config.pair_momentum else 0, **kw)
-        self._pair_y = torch.zeros(n if self.config.pair_momentum else 0, **kw)
-        # Scratch for forming (s, y) without touching the ring before the pair is accepted.
-        max_block = layout.max_block_numel
-        self._scratch_s = torch.zeros(max_block, **kw)
-        self._scratch_y = torch.zeros(max_block, **kw)
-        self._scratch_h = torch.zeros(max_block if self.config.double_damping else 0, **kw)
+        self._pairs = PairFormer(block_slices=self._block_slices, curvature=self._curvature,
+                                 config=self.config, numel=n,
+                                 max_block_numel=layout.max_block_numel, dtype=self._dtype,
+                                 device=self._device)
         self._diagnostics = dict.fromkeys(DIAGNOSTIC_KEYS, math.nan)
-        self._synchronized = False   # synchronize() called since the last step
+        self._synchronized = False   # synchronize() called since the last backward pass
         self._grad_norm = math.nan
         self._global = {
             "step": torch.zeros((), dtype=torch.int64),
@@ -268,8 +278,7 @@ class MLBFGS(torch.optim.Optimizer):
 
     def optimizer_state_bytes(self) -> int:
         """Bytes of optimizer state held by this rank (buffers, rings, scratch)."""
-        tensors = [self._grad, self._param, self._direction, self._scratch_s, self._scratch_y,
-                   self._scratch_h,
+        tensors = [self._grad, self._param, self._direction, *self._pairs.tensors(),
                    *self._flat_state.values(), *self._batched.tensors()]
         return sum(t.numel() * t.element_size() for t in tensors) + \
             self._update.numel() * self._update.element_size()
@@ -286,12 +295,10 @@ class MLBFGS(torch.optim.Optimizer):
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         loss = None
         if closure is not None:
-            self._synchronized = False   # a new backward pass: not averaged yet
             with torch.enable_grad():
                 loss = closure()
         self.synchronize()
         self._gather_owned()
-        self._synchronized = False       # the next backward pass's gradients are new
 
         # Every decision below uses values gathered from all ranks and reduced in rank order,
         # so all ranks branch identically and nobody is left waiting in a collective.
@@ -376,6 +383,9 @@ class MLBFGS(torch.optim.Optimizer):
             self._reducer.synchronize()
         self._synchronized = True
 
+    def _gradients_changed(self, _param: torch.Tensor) -> None:
+        self._synchronized = False
+
     @property
     def last_grad_norm(self) -> float:
         """Global norm of the averaged gradient before clipping, at the last step
@@ -425,24 +435,7 @@ class MLBFGS(torch.optim.Optimizer):
             m_grad.lerp_(self._grad, 1.0 - self.config.beta_grad)
 
     def _form_pairs(self, *, first: bool) -> None:
-        state, cfg = self._flat_state, self.config
-        for b, sl in self._block_slices.items():
-            n = sl.stop - sl.start
-            s, y = self._scratch_s[:n], self._scratch_y[:n]
-            torch.sub(state["m_param"][sl], state["snap_param"][sl], out=s)
-            torch.sub(state["m_grad"][sl], state["snap_grad"][sl], out=y)
-            curvature = self._curvature[b]
-            if cfg.pair_momentum:
-                smooth_s, smooth_y = self._pair_s[sl], self._pair_y[sl]
-                if first:
-                    smooth_s.copy_(s)
-                    smooth_y.copy_(y)
-                else:
-                    smooth_s.lerp_(s, 1.0 - cfg.pair_momentum)
-                    smooth_y.lerp_(y, 1.0 - cfg.pair_momentum)
-                s.copy_(smooth_s)
-                y.copy_(smooth_y)
-            curvature.offer_pair(s, y, config=cfg, scratch=self._scratch_h[:n])
+        self._pairs.form_(self._flat_state, first=first)
         self._batched.refresh()
 
     def _apply_outer_momentum(self, *, first: bool) -> None:

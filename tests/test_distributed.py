@@ -50,6 +50,9 @@ RUNS = {  # name: (ranks, extra args); 0 ranks = plain python, no launcher
     "single_cn": (0, ["--max-grad-norm", "0.3"]),
     "p3_cn": (3, ["--max-grad-norm", "0.3", "--backend", "mpi"]),
     "p2_uc": (2, ["--user-clip", "0.3", "--grad-reduce", "allreduce"]),
+    # Mixed-precision loss scaling (torch.amp.GradScaler, scale 2**8: exact in float64)
+    # with the poisoned batch of single_nan: the scaler must skip that step on every rank.
+    "p2_gs": (2, ["--grad-scaler", "--nan-step", "7", "--grad-reduce", "allreduce"]),
     # The middle block (792 elements) on the direct (GEMV) H·g path, owned by rank 1 of 3.
     "single_di": (0, ["--direct-min-numel", "600"]),
     "p3_di": (3, ["--direct-min-numel", "600", "--backend", "mpi"]),
@@ -131,6 +134,18 @@ def test_user_clipping_after_synchronize_equals_clipping_in_the_step(
     hooks' allreduce finished, so ``.grad`` is the average everywhere and ``step()`` does not
     average again) ends where one process clipping inside the step does."""
     assert_same_params(_params(runs["single_cn"]), _params(runs["p2_uc"]), atol=ATOL)
+
+
+def test_grad_scaler_after_synchronize_equals_the_unscaled_single_process(
+        runs: dict[str, Path]) -> None:
+    """torch's GradScaler on 2 Horovod ranks, with ``optimizer.synchronize()`` before its
+    ``unscale_``: every rank sees the averaged gradient, so all skip the poisoned step and
+    back the scale off together (2**8 -> 2**7), and the run ends where one process without
+    loss scaling, skipping that step itself, does (scaling by powers of 2 is exact)."""
+    assert_same_params(_params(runs["single_nan"]), _params(runs["p2_gs"]), atol=ATOL)
+    for record in _records(runs["p2_gs"]):
+        assert record["grad_scale"] == 2.0 ** 7
+        assert record["counters"]["step"] == 29 and record["counters"]["skipped_steps"] == 0
 
 
 def test_direct_block_on_p_ranks_equals_single_process_and_the_chunked_step(

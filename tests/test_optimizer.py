@@ -212,9 +212,10 @@ def test_without_max_grad_norm_nothing_is_clipped_or_measured() -> None:
     assert math.isnan(opt.last_grad_norm)
 
 
-def test_synchronize_then_step_waits_once_per_backward() -> None:
-    """``synchronize()`` before ``step()`` averages once: step() does not wait again, and
-    the next backward's gradients are averaged afresh (here: a counting reducer)."""
+def test_synchronize_waits_once_per_backward_pass() -> None:
+    """``synchronize()`` averages once per backward pass: step() does not wait again, and any
+    new backward pass, with or without a step in between (a GradScaler skipping an overflowed
+    step), is averaged afresh (here: a reducer that counts)."""
     p = nn.Parameter(torch.zeros(3))
     opt = MLBFGS([p], lr=0.1, momentum=0.0, update_freq=1000, grad_backend=None)
     calls: list[int] = []
@@ -225,16 +226,30 @@ def test_synchronize_then_step_waits_once_per_backward() -> None:
         def synchronize(self) -> None:
             calls.append(1)
 
+    def backward() -> torch.Tensor:
+        opt.zero_grad()
+        loss = (p * torch.ones(3)).sum()
+        loss.backward()
+        return loss.detach()
+
     opt._reducer = Counting()  # type: ignore[assignment]
     for _ in range(3):
-        p.grad = torch.ones(3)
+        backward()
         opt.synchronize()
         opt.synchronize()
         opt.step()
-    p.grad = torch.ones(3)
+    assert len(calls) == 3
+    backward()
     opt.step()
-    opt.step(lambda: torch.tensor(0.0))   # a closure runs a new backward: it waits again
-    assert len(calls) == 5
+    assert len(calls) == 4
+    backward()
+    opt.synchronize()      # ... and no step: the scaler found an overflow
+    backward()
+    opt.synchronize()
+    opt.step()
+    assert len(calls) == 6
+    opt.step(backward)     # a closure's backward pass is averaged too
+    assert len(calls) == 7
 
 
 # ---- non-finite gradients -------------------------------------------------------------------

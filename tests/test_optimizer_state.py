@@ -164,8 +164,8 @@ def test_internal_buffers_are_allocated_once() -> None:
 
     def pointers() -> dict[str, int]:
         tensors = {"grad": opt._grad, "param": opt._param, "direction": opt._direction,
-                   "update": opt._update, "scratch_s": opt._scratch_s,
-                   "scratch_y": opt._scratch_y,
+                   "update": opt._update,
+                   **{f"pairs.{i}": v for i, v in enumerate(opt._pairs.tensors()) if v.numel()},
                    **{f"flat.{k}": v for k, v in opt._flat_state.items()},
                    **{f"global.{k}": v for k, v in opt._global.items()}}
         for b, curv in opt._curvature.items():

@@ -54,6 +54,9 @@ def main() -> None:
     parser.add_argument("--user-clip", type=float, default=None,
                         help="optimizer.synchronize(), then torch's clip_grad_norm_ on the "
                              "averaged .grad (needs --grad-reduce allreduce), then step()")
+    parser.add_argument("--grad-scaler", action="store_true",
+                        help="torch.amp.GradScaler (init scale 2**8): scaled backward, "
+                             "optimizer.synchronize(), unscale_, scaler.step, update")
     args = parser.parse_args()
     if args.direct_min_numel is not None:
         threshold = args.direct_min_numel
@@ -92,6 +95,8 @@ def train(args: argparse.Namespace, comm: Any, backend: str, grad_reduce: str, n
     # Model block ids of this rank's direct blocks (the batched object counts owned blocks).
     direct_blocks = [optimizer.owned_blocks[k] for k in optimizer._batched.direct_blocks]
     timings: list[float] = []
+    scaler = (torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=1000)
+              if args.grad_scaler else None)
     for step in range(args.steps):
         if step == 3 and comm.rank == args.raise_on_rank:
             raise RuntimeError(f"injected failure on rank {comm.rank}")
@@ -106,12 +111,19 @@ def train(args: argparse.Namespace, comm: Any, backend: str, grad_reduce: str, n
             optimizer.param_groups[0]["momentum"] = 0.0 if 10 <= step < 15 else 0.5
         optimizer.zero_grad()
         loss = torch.nn.functional.cross_entropy(model(x), y, reduction="sum")
-        (loss * comm.size / args.batch).backward()
+        scaled = loss * comm.size / args.batch
+        (scaled if scaler is None else scaler.scale(scaled)).backward()
         if args.user_clip is not None:
             optimizer.synchronize()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.user_clip)
         start = time.perf_counter()
-        optimizer.step()
+        if scaler is None:
+            optimizer.step()
+        else:   # the averaged .grad on every rank: the same inf check and scale everywhere
+            optimizer.synchronize()
+            scaler.unscale_(optimizer)
+            scaler.step(optimizer)
+            scaler.update()
         timings.append(time.perf_counter() - start)
     optimizer.check_consistency()
     if optimizer._reducer is not None:
@@ -131,6 +143,7 @@ def train(args: argparse.Namespace, comm: Any, backend: str, grad_reduce: str, n
         "state_bytes": optimizer.optimizer_state_bytes(),
         "counters": optimizer.counters,
         "step_time_median": sorted(timings)[len(timings) // 2],
+        "grad_scale": None if scaler is None else scaler.get_scale(),
     }
     (out / f"rank{comm.rank}.json").write_text(json.dumps(record))
     if comm.rank == 0:

@@ -14,7 +14,8 @@ every optimizer, one process. Protocol:
    repeat* is one sample; the report gives median and quartiles over the R samples.
 3. Breakdown: the *unmodified* ``MLBFGS.step`` runs with its private pieces wrapped by
    timers on the instance (``_gather_owned``, ``_apply_weight_decay``,
-   ``_update_momentum_buffers``, ``_form_pairs``, ``BatchedCurvature.precondition_`` ("H·g":
+   ``_update_momentum_buffers``, ``_form_pairs`` (:mod:`mlbfgs_hpc.pairs`),
+   ``BatchedCurvature.precondition_`` ("H·g":
    H·g of every owned block at once, with the per-block gᵀg, gᵀd, dᵀd), ``_apply_outer_momentum``,
    the communicator's collectives). What the step does inline (the read-back, the step-size
    guard and grafting, the copy of the direction out, snapshot copies, counters,
