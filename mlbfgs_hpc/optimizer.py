@@ -42,9 +42,9 @@ from .config import DEFAULT_MOMENTUM, MLBFGSConfig, validate_group_hyperparamete
 from .curvature import BlockCurvature
 from .flatops import clip_factor, gradient_row, heavy_ball_
 from .layout import build_local_layout
-from .pairs import PairFormer
 from .optimizer_state import (FLAT_STATE_KEYS, GLOBAL_STATE_KEYS, check_saved_state,
                               load_group_settings, pack_state)
+from .pairs import PairFormer
 from .partition import Ownership
 from .stepsize import (DIAGNOSTIC_KEYS, BlockStats, StepTotals, global_graft_factor, kl_factor,
                        sum_in_rank_order)
@@ -388,8 +388,8 @@ class MLBFGS(torch.optim.Optimizer):
 
     @property
     def last_grad_norm(self) -> float:
-        """Global norm of the averaged gradient before clipping, at the last step
-        (``max_grad_norm`` set; NaN otherwise or before the first step)."""
+        """Global norm of the averaged gradient before clipping, at the last step whose
+        gradient was finite (``max_grad_norm`` set; NaN otherwise or before the first)."""
         return self._grad_norm
 
     def _check_and_clip_gradient(self) -> bool:
