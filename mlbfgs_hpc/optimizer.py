@@ -142,8 +142,6 @@ class MLBFGS(torch.optim.Optimizer):
             curvature_eps=curvature_eps, clip=clip, kl_clip=kl_clip,  # type: ignore[arg-type]
             nesterov=nesterov, pair_momentum=pair_momentum, double_damping=double_damping,
             max_grad_norm=max_grad_norm)
-        validate_group_hyperparameters(lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                       nesterov=nesterov)
         if grad_backend is not None and grad_backend not in GRAD_BACKENDS:
             raise ValueError(
                 f"grad_backend must be one of {GRAD_BACKENDS} or None, got {grad_backend!r}")
@@ -197,6 +195,8 @@ class MLBFGS(torch.optim.Optimizer):
         if not getattr(self, "_constructing", False):
             raise RuntimeError("MLBFGS fixes its blocks at construction: add every param "
                                "group to the constructor instead of add_param_group()")
+        # Every group, the constructor's own params included, comes through here with the
+        # defaults filled in: the one place the per-group values (and the defaults) are checked.
         values = {**self.defaults, **param_group}
         validate_group_hyperparameters(lr=values["lr"], weight_decay=values["weight_decay"],
                                        momentum=values["momentum"],
