@@ -30,9 +30,11 @@ __all__ = ["UsageError", "HelpFormatter", "ArgumentParser", "launcher_rank",
            "print_usage_error", "validate_train_args", "train_args_ok", "FLAG_RULES"]
 
 # Rank variables of the launchers comm.py recognises (Open MPI, PMIx/srun, MPICH/Hydra,
-# MVAPICH), SLURM's own task id, and horovodrun's on Gloo (refused, by rank 0 alone).
+# MVAPICH), horovodrun's on Gloo (refused, by rank 0 alone), and SLURM's own task id last:
+# processes that horovodrun starts from a batch script all inherit the script's
+# SLURM_PROCID=0, so HOROVOD_RANK must be read before it or every one of them reports.
 _RANK_VARIABLES: tuple[str, ...] = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK",
-                                    "MV2_COMM_WORLD_RANK", "SLURM_PROCID", "HOROVOD_RANK")
+                                    "MV2_COMM_WORLD_RANK", "HOROVOD_RANK", "SLURM_PROCID")
 
 
 class UsageError(ValueError):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mlbfgs_hpc import MLBFGS, Ownership, build_blocks
-from mlbfgs_hpc.cli import UsageError, validate_train_args
+from mlbfgs_hpc.cli import UsageError, launcher_rank, validate_train_args
 from mlbfgs_hpc.comm import GradientReducer, HostLayout, LocalCommunicator, node_plan
 from mlbfgs_hpc.train import build_parser
 
@@ -137,3 +137,24 @@ def test_cli_defaults_and_reduce_scatter_only_for_mlbfgs() -> None:
         validate_train_args(_args("--optimizer", "adam", "--grad-reduce", "reducescatter"))
     with pytest.raises(SystemExit):
         _args("--node-aware", "yes")
+
+
+@pytest.mark.parametrize(("env", "rank"), [
+    ({}, 0),
+    ({"SLURM_PROCID": "3"}, 3),                                    # srun without PMIx's rank
+    ({"OMPI_COMM_WORLD_RANK": "2", "SLURM_PROCID": "0"}, 2),       # mpirun inside a batch job
+    ({"PMIX_RANK": "5", "SLURM_PROCID": "5"}, 5),                  # srun --mpi=pmix
+    # horovodrun (Gloo) from a batch script: every process inherits the script's SLURM_PROCID.
+    ({"HOROVOD_RANK": "1", "SLURM_PROCID": "0"}, 1),
+    ({"OMPI_COMM_WORLD_RANK": "1", "HOROVOD_RANK": "1", "SLURM_PROCID": "0"}, 1),
+    ({"SLURM_PROCID": "not-a-rank"}, 0),
+])
+def test_launcher_rank_reads_the_launcher_that_started_the_process(
+        monkeypatch: pytest.MonkeyPatch, env: dict[str, str], rank: int) -> None:
+    """The rank that decides who prints a usage error, before any communicator exists."""
+    for name in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK",
+                 "SLURM_PROCID", "HOROVOD_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert launcher_rank() == rank
