@@ -21,7 +21,9 @@ items; BENCHMARKS.md §7 has the last GPU figures):
    evaluation) on the GPU, for the CNN task (the default run's 1× is section 6).
 
 Not here: Horovod built with NCCL (``tools/bootstrap.sh``) needs its sdist carried to the
-machine and a build of several minutes; it is left to a run of its own.
+machine and a build of several minutes; it is left to a run of its own, on a machine with two
+GPUs or more: NCCL 2.5 and later refuse two ranks on one device ("Duplicate GPU detected",
+NVIDIA/nccl#418), so a one-GPU machine cannot run a 2-rank NCCL test.
 
 The GPU machine's image has torch but not this project's virtual environment: run this with
 the image's ``python3`` from the repository root (the package is imported from the checkout),
