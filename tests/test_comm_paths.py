@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from mlbfgs_hpc import MLBFGS, Ownership, build_blocks
+from mlbfgs_hpc import MLBFGS, Ownership, build_blocks, cli
 from mlbfgs_hpc.cli import UsageError, launcher_rank, validate_train_args
 from mlbfgs_hpc.comm import GradientReducer, HostLayout, LocalCommunicator, node_plan
 from mlbfgs_hpc.train import build_parser
@@ -152,8 +152,7 @@ def test_cli_defaults_and_reduce_scatter_only_for_mlbfgs() -> None:
 def test_launcher_rank_reads_the_launcher_that_started_the_process(
         monkeypatch: pytest.MonkeyPatch, env: dict[str, str], rank: int) -> None:
     """The rank that decides who prints a usage error, before any communicator exists."""
-    for name in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK",
-                 "SLURM_PROCID", "HOROVOD_RANK"):
+    for name in cli._RANK_VARIABLES:   # the list launcher_rank reads, so none leaks in
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
