@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
+
+from .linesearch import LINE_SEARCH_FNS
 
 #: Default outer heavy-ball momentum μ of every param group (DESIGN.md §1.8).
 DEFAULT_MOMENTUM = 0.9
@@ -92,8 +94,9 @@ class MLBFGSConfig:
                  "damping", "in [0, 1)", self.damping)
         _require(_finite(self.sigma_low) and 0.0 <= self.sigma_low < 1.0,
                  "sigma_low", "in [0, 1)", self.sigma_low)
-        _require(_finite(self.sigma_high) and self.sigma_high > 1.0,
-                 "sigma_high", "a finite number > 1", self.sigma_high)
+        # inf: no upper edge (the line-searched mode's default: no window at all).
+        _require(_number(self.sigma_high) and self.sigma_high > 1.0,
+                 "sigma_high", "a number > 1 (inf: no upper bound)", self.sigma_high)
         _require(_finite(self.curvature_eps) and self.curvature_eps >= 0.0,
                  "curvature_eps", "a finite number >= 0", self.curvature_eps)
         _require(self.clip in CLIP_MODES, "clip", f"one of {CLIP_MODES}", self.clip)
@@ -109,9 +112,60 @@ class MLBFGSConfig:
                  "max_grad_norm", "None or a finite number > 0", self.max_grad_norm)
 
     def to_dict(self) -> dict[str, object]:
+        """The fields as JSON values (checkpoints store them): an infinite ``sigma_high``
+        (no upper edge) is written as the string ``"inf"``."""
+        return {key: (str(value) if isinstance(value, float) and math.isinf(value) else value)
+                for key, value in dataclasses.asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class LineSearchConfig:
+    """How ``MLBFGS.step(closure)`` iterates when ``line_search_fn`` is set: the meaning and
+    the defaults of ``torch.optim.LBFGS``'s arguments of the same names.
+
+    Args:
+        line_search_fn: ``"strong_wolfe"`` (the only search; see :mod:`mlbfgs_hpc.linesearch`).
+        max_iter: L-BFGS iterations per ``step()`` (each ends with a line search). With a
+            full batch, more than one saves the closure evaluation every ``step()`` starts
+            with; with a fresh mini-batch per ``step()``, use 1.
+        max_eval: closure evaluations per ``step()`` (default ``max_iter · 5 // 4``).
+        tolerance_grad: a ``step()`` stops once max|g| falls to this (first-order optimal).
+        tolerance_change: it stops once the step, or the change of the loss, is below this.
+    """
+
+    line_search_fn: str = "strong_wolfe"
+    max_iter: int = 20
+    max_eval: int | None = None
+    tolerance_grad: float = 1e-7
+    tolerance_change: float = 1e-9
+
+    def __post_init__(self) -> None:
+        _require(self.line_search_fn in LINE_SEARCH_FNS, "line_search_fn",
+                 f"None or one of {LINE_SEARCH_FNS}", self.line_search_fn)
+        _require(_integer(self.max_iter) and self.max_iter >= 1,
+                 "max_iter", "an integer >= 1", self.max_iter)
+        if self.max_eval is None:   # torch.optim.LBFGS's rule
+            object.__setattr__(self, "max_eval", self.max_iter * 5 // 4)
+        _require(_integer(self.max_eval) and self.max_eval >= 1,
+                 "max_eval", "None or an integer >= 1", self.max_eval)
+        for name in ("tolerance_grad", "tolerance_change"):
+            value = getattr(self, name)
+            _require(_finite(value) and value >= 0.0, name, "a finite number >= 0", value)
+
+    def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
 
 
+#: The defaults that change when ``line_search_fn`` is set: what serves exact (full-batch or
+#: low-noise) gradients, as ``torch.optim.LBFGS`` does. Pairs from consecutive iterates at
+#: every iteration (no EMAs, T = 1), the standard γ = sᵀy/yᵀy, no damping window, no grafting
+#: (the search sizes the step), no outer momentum (the step must stay along the searched
+#: direction), torch's lr 1 and history 100 (BENCHMARKS.md: PINN tasks).
+SEARCHED_DEFAULTS: dict[str, object] = {
+    "lr": 1.0, "history_size": 100, "update_freq": 1, "beta_param": 0.0, "beta_grad": 0.0,
+    "damping": 0.0, "sigma_low": 0.0, "sigma_high": math.inf, "double_damping": 0.0,
+    "clip": "none", "momentum": 0.0,
+}
 def validate_group_hyperparameters(*, lr: float, weight_decay: float, momentum: float,
                                    nesterov: bool = False) -> None:
     """Check one param group's hyper-parameters (the constructor's defaults and every group).
@@ -138,5 +192,81 @@ def _integer(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _number(value: object) -> bool:
+    """A real number, possibly infinite, not NaN (not a bool)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and not math.isnan(value))
+
+
 def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+#: The defaults without a line search (the stochastic regime): the constructor's.
+STOCHASTIC_DEFAULTS: dict[str, object] = {
+    "lr": 0.1, "momentum": DEFAULT_MOMENTUM,
+    **{key: getattr(MLBFGSConfig(), key) for key in SEARCHED_DEFAULTS
+       if key not in ("lr", "momentum")}}
+
+
+def line_search_settings(*, line_search_fn: str | None, max_iter: int | None = None,
+                         max_eval: int | None = None, tolerance_grad: float | None = None,
+                         tolerance_change: float | None = None) -> LineSearchConfig | None:
+    """The constructor's line-search arguments as a :class:`LineSearchConfig` (``None``
+    without a line search).
+
+    Raises:
+        ValueError: an iteration argument given without ``line_search_fn`` (the stochastic
+            step takes one iteration per ``step()`` and has no tolerances), or out of range.
+    """
+    given = {"max_iter": max_iter, "max_eval": max_eval, "tolerance_grad": tolerance_grad,
+             "tolerance_change": tolerance_change}
+    set_args = {k: v for k, v in given.items() if v is not None}
+    if line_search_fn is None:
+        if set_args:
+            raise ValueError(f"{', '.join(set_args)} only apply with line_search_fn "
+                             f"(e.g. line_search_fn='strong_wolfe')")
+        return None
+    return LineSearchConfig(line_search_fn=line_search_fn, **set_args)  # type: ignore[arg-type]
+
+
+def mode_defaults(given: dict[str, object], *, searched: bool) -> dict[str, Any]:
+    """``given`` with every ``None`` replaced by the default of the mode
+    (:data:`SEARCHED_DEFAULTS` with a line search, :data:`STOCHASTIC_DEFAULTS` without)."""
+    defaults = SEARCHED_DEFAULTS if searched else STOCHASTIC_DEFAULTS
+    return {key: defaults[key] if value is None else value for key, value in given.items()}
+
+
+def check_searched_config(config: MLBFGSConfig) -> None:
+    """Refuse the options that have no meaning when a line search sizes the step.
+
+    Raises:
+        ValueError: grafting or the KL guard (``clip`` other than ``"none"``: the search sets
+            the length), double damping or pair smoothing (not implemented for the full
+            history of the searched mode), Nesterov, or ``max_grad_norm`` (a clipped gradient
+            is not the gradient of the loss the search measures).
+    """
+    _require(config.clip == "none", "clip", "'none' with line_search_fn (the line search "
+             "sizes the step)", config.clip)
+    _require(config.double_damping == 0.0, "double_damping", "0 with line_search_fn",
+             config.double_damping)
+    _require(config.pair_momentum == 0.0, "pair_momentum", "0 with line_search_fn",
+             config.pair_momentum)
+    _require(not config.nesterov, "nesterov", "False with line_search_fn", config.nesterov)
+    _require(config.max_grad_norm is None, "max_grad_norm",
+             "None with line_search_fn (the search needs the loss's own gradient)",
+             config.max_grad_norm)
+
+
+def check_searched_group(group: dict[str, Any]) -> None:
+    """One param group's values with a line search: no outer momentum (the step must stay on
+    the searched direction) and no weight decay (put the penalty into the closure's loss,
+    which is what the search measures).
+
+    Raises:
+        ValueError: ``momentum`` or ``weight_decay`` other than 0.
+    """
+    _require(group["momentum"] == 0.0, "momentum", "0 with line_search_fn (the step must "
+             "stay on the searched direction)", group["momentum"])
+    _require(group["weight_decay"] == 0.0, "weight_decay", "0 with line_search_fn (add the "
+             "penalty to the closure's loss instead)", group["weight_decay"])

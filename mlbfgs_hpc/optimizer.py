@@ -38,14 +38,17 @@ from .batched import BatchedCurvature, ChunkPlan, scalar_rows
 from .blocks import ParamBlock, blocks_from_parameters, check_blocks_cover
 from .comm import (GRAD_BACKENDS, GRAD_REDUCE_MODES, GradBackend, GradientReducer, GradReduce,
                    LocalCommunicator, tensor_digest)
-from .config import DEFAULT_MOMENTUM, MLBFGSConfig, validate_group_hyperparameters
+from .config import (MLBFGSConfig, check_searched_config, check_searched_group,
+                     line_search_settings, mode_defaults, validate_group_hyperparameters)
 from .curvature import BlockCurvature
 from .flatops import clip_factor, gradient_row, heavy_ball_
+from .global_curvature import GlobalCurvature
 from .layout import build_local_layout
 from .optimizer_state import (FLAT_STATE_KEYS, GLOBAL_STATE_KEYS, check_saved_state,
                               load_group_settings, pack_state)
 from .pairs import PairFormer
 from .partition import Ownership
+from .searched import SearchedSteps
 from .stepsize import (DIAGNOSTIC_KEYS, BlockStats, StepTotals, global_graft_factor, kl_factor,
                        sum_in_rank_order)
 
@@ -113,35 +116,52 @@ class MLBFGS(torch.optim.Optimizer):
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
         *,
         blocks: Sequence[ParamBlock] | None = None,
-        lr: float = 0.1,
+        lr: float | None = None,
         weight_decay: float = 0.0,
-        history_size: int = 10,
-        update_freq: int = 50,
-        beta_param: float = 0.9,
-        beta_grad: float = 0.9,
-        damping: float = 0.2,
-        sigma_low: float = 0.01,
-        sigma_high: float = 1.5,
+        history_size: int | None = None,
+        update_freq: int | None = None,
+        beta_param: float | None = None,
+        beta_grad: float | None = None,
+        damping: float | None = None,
+        sigma_low: float | None = None,
+        sigma_high: float | None = None,
         curvature_eps: float = 1e-8,
-        clip: str = "graft",
+        clip: str | None = None,
         kl_clip: float = 0.005,
-        momentum: float = DEFAULT_MOMENTUM,
+        momentum: float | None = None,
         nesterov: bool = False,
         pair_momentum: float = 0.0,
-        double_damping: float = 0.2,
+        double_damping: float | None = None,
         max_grad_norm: float | None = None,
+        line_search_fn: str | None = None,
+        max_iter: int | None = None,
+        max_eval: int | None = None,
+        tolerance_grad: float | None = None,
+        tolerance_change: float | None = None,
         comm: LocalCommunicator | None = None,
         grad_backend: GradBackend | None = "horovod",
         grad_reduce: GradReduce = "allreduce",
         node_aware: bool | None = None,
         grad_overlap: bool = True,
     ) -> None:
+        self.line_search = line_search_settings(
+            line_search_fn=line_search_fn, max_iter=max_iter, max_eval=max_eval,
+            tolerance_grad=tolerance_grad, tolerance_change=tolerance_change)
+        given = {"lr": lr, "history_size": history_size, "update_freq": update_freq,
+                 "beta_param": beta_param, "beta_grad": beta_grad, "damping": damping,
+                 "sigma_low": sigma_low, "sigma_high": sigma_high, "clip": clip,
+                 "momentum": momentum, "double_damping": double_damping}
+        values = mode_defaults(given, searched=self.line_search is not None)
         self.config = MLBFGSConfig(
-            history_size=history_size, update_freq=update_freq, beta_param=beta_param,
-            beta_grad=beta_grad, damping=damping, sigma_low=sigma_low, sigma_high=sigma_high,
-            curvature_eps=curvature_eps, clip=clip, kl_clip=kl_clip,  # type: ignore[arg-type]
-            nesterov=nesterov, pair_momentum=pair_momentum, double_damping=double_damping,
+            history_size=values["history_size"], update_freq=values["update_freq"],
+            beta_param=values["beta_param"], beta_grad=values["beta_grad"],
+            damping=values["damping"], sigma_low=values["sigma_low"],
+            sigma_high=values["sigma_high"], curvature_eps=curvature_eps,
+            clip=values["clip"], kl_clip=kl_clip, nesterov=nesterov,
+            pair_momentum=pair_momentum, double_damping=values["double_damping"],
             max_grad_norm=max_grad_norm)
+        if self.line_search is not None:
+            check_searched_config(self.config)
         if grad_backend is not None and grad_backend not in GRAD_BACKENDS:
             raise ValueError(
                 f"grad_backend must be one of {GRAD_BACKENDS} or None, got {grad_backend!r}")
@@ -149,7 +169,8 @@ class MLBFGS(torch.optim.Optimizer):
             raise ValueError(
                 f"grad_reduce must be one of {GRAD_REDUCE_MODES}, got {grad_reduce!r}")
         self._constructing = True
-        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum})
+        super().__init__(params, {"lr": values["lr"], "weight_decay": weight_decay,
+                                  "momentum": values["momentum"]})
         self._constructing = False
         self.comm = comm if comm is not None else LocalCommunicator()
 
@@ -166,6 +187,7 @@ class MLBFGS(torch.optim.Optimizer):
 
         self.ownership = Ownership.build(block_numels=[b.numel for b in self.blocks],
                                          world_size=self.comm.size)
+        self.node_aware = self.comm.resolve_node_aware(node_aware)
         self._build_local_layout()
         self._reducer = (None if grad_backend is None else GradientReducer(
             comm=self.comm, named_params=list(zip(self.param_names, self._layout_params)),
@@ -173,7 +195,6 @@ class MLBFGS(torch.optim.Optimizer):
             node_aware=node_aware, overlap=grad_overlap))
         self.grad_backend = grad_backend
         self.grad_reduce = grad_reduce
-        self.node_aware = self.comm.resolve_node_aware(node_aware)
         # Any backward pass makes new gradients: synchronize() must wait for them again, even
         # when no step() came in between (a GradScaler that skipped an overflowed step).
         # (A weak reference: the hooks live as long as the parameters and must not keep a
@@ -201,6 +222,8 @@ class MLBFGS(torch.optim.Optimizer):
         validate_group_hyperparameters(lr=values["lr"], weight_decay=values["weight_decay"],
                                        momentum=values["momentum"],
                                        nesterov=self.config.nesterov)
+        if self.line_search is not None:
+            check_searched_group(values)
         super().add_param_group(param_group)
 
     def _build_local_layout(self) -> None:
@@ -227,23 +250,9 @@ class MLBFGS(torch.optim.Optimizer):
         self._block_slices = dict(layout.block_slices)
         self._segments = layout.segments
         self._owned_params = list(layout.params)
-        # One history for all owned blocks; each block's ring is a BlockCurvature over its
-        # columns (pairs, W, checkpoints), H·g runs batched over all of them.
-        self._batched = BatchedCurvature(
-            grad=self._grad, direction=self._direction,
-            block_numels=[self.blocks[b].numel for b in self.owned_blocks],
-            history_size=self.config.history_size,
-            plan=ChunkPlan.for_model([block.numel for block in self.blocks],
-                                     device=self._device))
-        self._curvature: dict[int, BlockCurvature] = dict(zip(self.owned_blocks,
-                                                              self._batched.blocks))
         sizes = layout.param_sizes
         self._grad_views = list(self._grad.split(sizes))
         self._param_views = list(self._param.split(sizes))
-        self._pairs = PairFormer(block_slices=self._block_slices, curvature=self._curvature,
-                                 config=self.config, numel=n,
-                                 max_block_numel=layout.max_block_numel, dtype=self._dtype,
-                                 device=self._device)
         self._diagnostics = dict.fromkeys(DIAGNOSTIC_KEYS, math.nan)
         self._synchronized = False   # synchronize() called since the last backward pass
         self._grad_norm = math.nan
@@ -256,6 +265,46 @@ class MLBFGS(torch.optim.Optimizer):
             "last_nu": torch.ones((), dtype=torch.float64),
             "last_gamma": torch.full((), math.nan, dtype=torch.float64),
         }
+        self._searched: SearchedSteps | None = None
+        if self.line_search is None:
+            self._build_block_curvature(layout.max_block_numel)
+        else:
+            self._build_searched()
+
+    def _build_block_curvature(self, max_block_numel: int) -> None:
+        """The stochastic mode's curvature: one history per owned block, applied batched."""
+        n = self._owned_numel
+        # One history for all owned blocks; each block's ring is a BlockCurvature over its
+        # columns (pairs, W, checkpoints), H·g runs batched over all of them.
+        self._batched = BatchedCurvature(
+            grad=self._grad, direction=self._direction,
+            block_numels=[self.blocks[b].numel for b in self.owned_blocks],
+            history_size=self.config.history_size,
+            plan=ChunkPlan.for_model([block.numel for block in self.blocks],
+                                     device=self._device))
+        self._curvature: dict[int, BlockCurvature] = dict(zip(self.owned_blocks,
+                                                              self._batched.blocks))
+        self._pairs = PairFormer(block_slices=self._block_slices, curvature=self._curvature,
+                                 config=self.config, numel=n,
+                                 max_block_numel=max_block_numel, dtype=self._dtype,
+                                 device=self._device)
+
+    def _build_searched(self) -> None:
+        """The line-searched mode: one history over the whole vector (owned columns here)."""
+        cfg = self.config
+        assert self.line_search is not None
+        curvature = GlobalCurvature(
+            numel=self._owned_numel, history_size=cfg.history_size, dtype=self._dtype,
+            device=self._device, curvature_eps=cfg.curvature_eps, damping=cfg.damping,
+            sigma_low=cfg.sigma_low, sigma_high=cfg.sigma_high)
+        self._searched = SearchedSteps(
+            comm=self.comm, params=self._layout_params, ownership=self.ownership,
+            node_aware=self.node_aware,
+            curvature=curvature, config=cfg, settings=self.line_search,
+            gather_grad=self._gather_owned_grad, read_params=self._read_owned_params,
+            grad=self._grad, param=self._param, flat_state=self._flat_state,
+            counters=self._global, direction=self._update,
+            owned_direction=self._owned_update, direction_views=self._update_views)
 
     # ---- public read-outs --------------------------------------------------------------
     @property
@@ -265,10 +314,16 @@ class MLBFGS(torch.optim.Optimizer):
         ``accepted_pairs``/``rejected_pairs`` sum over all blocks; ``sgd_fallbacks`` counts
         steps whose gᵀd was non-finite or non-positive; ``skipped_steps`` counts steps skipped
         for a non-finite gradient; ``last_gamma`` is the mean γ over blocks with curvature;
-        ``last_nu`` the step-size factor of the last step.
+        ``last_nu`` the step-size factor of the last step. With ``line_search_fn``: ``step``
+        counts L-BFGS iterations, ``func_evals`` closure evaluations (as
+        ``torch.optim.LBFGS``'s state) and ``last_step_length`` is the last search's t.
         """
+        tensors = dict(self._global)
+        if self._searched is not None:
+            tensors.update(func_evals=self._searched.func_evals,
+                           last_step_length=self._searched.last_step_length)
         return {key: (float(v) if v.is_floating_point() else int(v))
-                for key, v in self._global.items()}
+                for key, v in tensors.items()}
 
     @property
     def diagnostics(self) -> dict[str, float]:
@@ -278,8 +333,10 @@ class MLBFGS(torch.optim.Optimizer):
 
     def optimizer_state_bytes(self) -> int:
         """Bytes of optimizer state held by this rank (buffers, rings, scratch)."""
-        tensors = [self._grad, self._param, self._direction, *self._pairs.tensors(),
-                   *self._flat_state.values(), *self._batched.tensors()]
+        curvature = (self._searched.tensors() if self._searched is not None else
+                     [*self._pairs.tensors(), *self._batched.tensors()])
+        tensors = [self._grad, self._param, self._direction, *curvature,
+                   *self._flat_state.values()]
         return sum(t.numel() * t.element_size() for t in tensors) + \
             self._update.numel() * self._update.element_size()
 
@@ -293,11 +350,16 @@ class MLBFGS(torch.optim.Optimizer):
     # ---- the step -------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """One optimizer step. With ``line_search_fn``: ``closure`` is required (it zeroes the
+        gradients, returns this rank's loss on its own shard and back-propagates it), and the
+        step is up to ``max_iter`` searched iterations; the return value is the loss at the
+        starting point, averaged over the ranks (:mod:`mlbfgs_hpc.searched`)."""
+        if self._searched is not None:
+            return self._searched_step(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.synchronize()
         self._gather_owned()
 
         # Every decision below uses values gathered from all ranks and reduced in rank order,
@@ -370,6 +432,22 @@ class MLBFGS(torch.optim.Optimizer):
         torch._foreach_sub_(self._layout_params, self._update_views)
         return loss
 
+    def _searched_step(self, closure: Callable[[], torch.Tensor] | None) -> torch.Tensor:
+        if closure is None:
+            raise ValueError("MLBFGS with line_search_fn needs step(closure): the search "
+                             "evaluates the loss at several points (as torch.optim.LBFGS)")
+        assert self._searched is not None
+        lrs = {group["lr"] for group in self.param_groups}
+        if len(lrs) != 1:
+            raise ValueError(f"with line_search_fn every param group must have the same lr "
+                             f"(the first trial step of one search), got {sorted(lrs)}")
+        loss, finite = self._searched.step(closure, lr=lrs.pop())
+        if not finite:
+            self._global["skipped_steps"] += 1
+            logger.warning("non-finite loss or gradient: step skipped (%d so far)",
+                           int(self._global["skipped_steps"]))
+        return loss
+
     def synchronize(self) -> None:
         """Wait until this step's gradients are averaged over the ranks (as Horovod's
         ``DistributedOptimizer.synchronize``); :meth:`step` then does not wait again.
@@ -409,6 +487,12 @@ class MLBFGS(torch.optim.Optimizer):
         return True
 
     def _gather_owned(self) -> None:
+        self._gather_owned_grad()
+        self._read_owned_params()
+
+    def _gather_owned_grad(self) -> None:
+        """Wait for the averaged gradients; the owned ones into the flat ``_grad``."""
+        self.synchronize()
         owned = None if self._reducer is None else self._reducer.owned_grad
         if owned is not None:  # reduce-scatter: the averaged owned slice, already flat
             self._grad.copy_(owned)
@@ -416,6 +500,9 @@ class MLBFGS(torch.optim.Optimizer):
             grads = [p.grad if p.grad is not None else torch.zeros_like(p)
                      for p in self._owned_params]
             torch._foreach_copy_(self._grad_views, [g.reshape(-1) for g in grads])
+
+    def _read_owned_params(self) -> None:
+        """The owned parameters into the flat ``_param``."""
         if self._owned_params:
             torch._foreach_copy_(self._param_views, [p.reshape(-1) for p in self._owned_params])
 
@@ -461,7 +548,10 @@ class MLBFGS(torch.optim.Optimizer):
         """Views of one owned block's state tensors (flat buffers sliced, curvature ring)."""
         sl = self._block_slices[block]
         state = {key: buf[sl] for key, buf in self._flat_state.items()}
-        state.update(self._curvature[block].state_tensors())
+        if self._searched is not None:
+            state.update(self._searched.curvature.block_state(sl))
+        else:
+            state.update(self._curvature[block].state_tensors())
         return state
 
     def state_dict(self, *, include_blocks: bool = True) -> dict[str, Any]:
@@ -474,11 +564,17 @@ class MLBFGS(torch.optim.Optimizer):
             include_blocks: ``False`` leaves ``state`` empty (no copy of the per-block
                 buffers); the checkpoint writer takes those from :meth:`block_state` instead.
         """
-        return pack_state(
+        state = pack_state(
             block_states=((b, self.block_state(b))
                           for b in (self.owned_blocks if include_blocks else ())),
             global_state=self._global, param_groups=self.param_groups,
             config=self.config.to_dict(), blocks=self.blocks)
+        if self._searched is not None:
+            assert self.line_search is not None
+            state["config"]["line_search"] = self.line_search.to_dict()
+            state["line_search"] = {k: v.clone()
+                                    for k, v in self._searched.state_tensors().items()}
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load state saved on any number of ranks: this rank takes the blocks it owns.
@@ -488,14 +584,20 @@ class MLBFGS(torch.optim.Optimizer):
                 owns is missing from ``state_dict``.
         """
         check_saved_state(state_dict, blocks=self.blocks, owned_blocks=self.owned_blocks,
-                          n_groups=len(self.param_groups))
+                          n_groups=len(self.param_groups),
+                          searched=self._searched is not None)
         for b in self.owned_blocks:
             saved_block = state_dict["state"][b]
             sl = self._block_slices[b]
             for key in FLAT_STATE_KEYS:
                 self._flat_state[key][sl].copy_(saved_block[key])
-            self._curvature[b].load_state_tensors(saved_block)
-        self._batched.refresh()
+            if self._searched is None:
+                self._curvature[b].load_state_tensors(saved_block)
+        if self._searched is not None:
+            self._searched.load(state_dict["line_search"], [
+                (self._block_slices[b], state_dict["state"][b]) for b in self.owned_blocks])
+        else:
+            self._batched.refresh()
         for key in GLOBAL_STATE_KEYS:
             self._global[key].copy_(state_dict["global"][key])
         load_group_settings(self.param_groups, state_dict["param_groups"])

@@ -33,10 +33,12 @@ def param_group_table(param_groups: Sequence[dict[str, Any]]) -> list[dict[str, 
 
 
 def check_saved_state(state_dict: dict[str, Any], *, blocks: Sequence[ParamBlock],
-                      owned_blocks: Sequence[int], n_groups: int) -> None:
+                      owned_blocks: Sequence[int], n_groups: int, searched: bool = False
+                      ) -> None:
     """Raise ``ValueError`` unless ``state_dict`` can be loaded by a rank owning
     ``owned_blocks`` of ``blocks`` with ``n_groups`` param groups (format version, block
-    table, owned blocks present, number of groups)."""
+    table, owned blocks present, number of groups, and the same mode: with a line search
+    (``searched``) or without; the two keep different histories)."""
     if state_dict.get("format_version") != STATE_FORMAT_VERSION:
         raise ValueError(f"unsupported optimizer state format_version "
                          f"{state_dict.get('format_version')!r}, "
@@ -54,6 +56,12 @@ def check_saved_state(state_dict: dict[str, Any], *, blocks: Sequence[ParamBlock
         raise ValueError(f"optimizer state lacks owned blocks {missing}")
     if len(state_dict["param_groups"]) != n_groups:
         raise ValueError("optimizer state has a different number of param groups")
+    if ("line_search" in state_dict) != searched:
+        saved_mode, mode = (("with", "without") if "line_search" in state_dict
+                            else ("without", "with"))
+        raise ValueError(f"optimizer state was saved {saved_mode} line_search_fn, this "
+                         f"optimizer runs {mode} it: the curvature histories differ (one "
+                         f"over the whole vector, one per block); start the new mode fresh")
 
 
 def pack_state(*, block_states: Iterable[tuple[int, Mapping[str, torch.Tensor]]],

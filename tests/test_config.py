@@ -27,7 +27,7 @@ BAD_CONFIG: list[tuple[str, Any]] = [
     ("beta_grad", -1e-9), ("beta_grad", 1.5), ("beta_grad", INF), ("beta_grad", "0.9"),
     ("damping", -0.2), ("damping", 1.0), ("damping", NAN),
     ("sigma_low", -0.01), ("sigma_low", 1.0), ("sigma_low", NAN),
-    ("sigma_high", 1.0), ("sigma_high", 0.5), ("sigma_high", INF), ("sigma_high", NAN),
+    ("sigma_high", 1.0), ("sigma_high", 0.5), ("sigma_high", NAN), ("sigma_high", -INF),
     ("curvature_eps", -1e-8), ("curvature_eps", INF), ("curvature_eps", NAN),
     ("clip", "KL"), ("clip", None), ("clip", "norm"),
     ("kl_clip", 0.0), ("kl_clip", -0.005), ("kl_clip", INF), ("kl_clip", NAN),
@@ -43,8 +43,10 @@ def test_config_rejects_bad_value_naming_argument(name: str, value: Any) -> None
         MLBFGSConfig(**{name: value})
 
 
-@pytest.mark.parametrize(("name", "value"), BAD_CONFIG)
+@pytest.mark.parametrize(("name", "value"), [(n, v) for n, v in BAD_CONFIG if v is not None])
 def test_optimizer_rejects_bad_config_value(name: str, value: Any) -> None:
+    # (None is not bad for the constructor: it stands for the mode's default, see
+    # test_line_search_defaults.)
     with pytest.raises(ValueError, match=rf"^{name} must be"):
         MLBFGS([nn.Parameter(torch.zeros(3))], **{name: value})
 
@@ -62,11 +64,12 @@ def test_nesterov_needs_momentum_in_every_group() -> None:
     {"history_size": 1, "update_freq": 1},
     {"beta_param": 0.0, "beta_grad": 0.0, "damping": 0.0, "sigma_low": 0.0},
     {"beta_param": 0.999, "damping": 0.99, "sigma_high": 1.0001, "curvature_eps": 0.0},
+    {"sigma_low": 0.0, "sigma_high": INF},   # no window at all
     {"clip": "none", "kl_clip": 1e9},
 ])
 def test_config_accepts_edge_values(kwargs: dict[str, Any]) -> None:
     config = MLBFGSConfig(**kwargs)
-    assert all(config.to_dict()[k] == v for k, v in kwargs.items())
+    assert all(getattr(config, k) == v for k, v in kwargs.items())
     MLBFGS([nn.Parameter(torch.zeros(3))], **kwargs)
 
 
@@ -88,8 +91,9 @@ def test_momentum_defaults_to_the_design_in_every_group() -> None:
 @pytest.mark.parametrize("value", [-0.1, 1.0, NAN, INF, "0.9", None, True])
 def test_group_momentum_rejected_naming_argument(value: Any) -> None:
     p = nn.Parameter(torch.zeros(3))
-    with pytest.raises(ValueError, match=r"^momentum must be in \[0, 1\)"):
-        MLBFGS([p], momentum=value)
+    if value is not None:   # the constructor's None is the mode's default momentum
+        with pytest.raises(ValueError, match=r"^momentum must be in \[0, 1\)"):
+            MLBFGS([p], momentum=value)
     with pytest.raises(ValueError, match=r"^momentum must be in \[0, 1\)"):
         MLBFGS([{"params": [p], "momentum": value}])
 
@@ -98,8 +102,9 @@ def test_group_momentum_rejected_naming_argument(value: Any) -> None:
 @pytest.mark.parametrize("value", [-0.1, NAN, INF, "0.1", None, True])
 def test_group_hyperparameters_rejected_naming_argument(name: str, value: Any) -> None:
     p = nn.Parameter(torch.zeros(3))
-    with pytest.raises(ValueError, match=rf"^{name} must be"):
-        MLBFGS([p], **{name: value})
+    if not (name == "lr" and value is None):   # lr=None: the mode's default lr
+        with pytest.raises(ValueError, match=rf"^{name} must be"):
+            MLBFGS([p], **{name: value})
     with pytest.raises(ValueError, match=rf"^{name} must be"):
         MLBFGS([{"params": [p], name: value}])
 

@@ -1,0 +1,288 @@
+"""``MLBFGS.step(closure)`` with a line search: ``torch.optim.LBFGS``'s iteration, on p ranks.
+
+Each rank's closure returns the loss of its own shard and back-propagates it; the optimizer
+averages losses and gradients over the ranks. Every decision below is taken on scalars that
+were all-gathered and summed in rank order, so they are bitwise the same on every rank: every
+rank evaluates the closure the same number of times, and no rank can leave the others waiting
+in a collective (``torch.optim.LBFGS`` under DDP can: its ranks search on their own losses).
+One ``step()``::
+
+    closure() at θ          -> f, g         [gradient average; allgather f, max|g|, ‖g‖₁]
+    max|g| ≤ tolerance_grad -> done
+    up to max_iter times:
+      EMA buffers (β = 0: θ and g themselves); every T iterations a pair from their change
+                                            [allgather of the pair's products, GlobalCurvature]
+      d = −H·g on the owned columns         [allgather of [S; Ŷ]·g, ‖g‖²]
+      gᵀd ≥ −tolerance_change -> done
+      Allgatherv(d)                         -> every rank holds the whole d
+      strong-Wolfe search along d: each trial sets θ + t·d, one closure() on every rank
+                                            [gradient average; allgather f, gᵀd, max|g|]
+      θ ← θ + t·d, f and g from the accepted trial (its gradient is kept, not recomputed)
+      stop on max_eval, max|g| ≤ tolerance_grad, t·max|d| ≤ tolerance_change or
+      |Δf| < tolerance_change
+
+With β = 0 and T = 1 (the defaults here) a pair is (θₖ − θₖ₋₁, gₖ − gₖ₋₁), the pair of
+``torch.optim.LBFGS``: within one ``step()`` both gradients come from the same closure; across
+``step()`` calls, from the closures of consecutive calls (a new mini-batch each, when the
+caller resamples). With β > 0 the pairs are mL-BFGS's momentum pairs (the EMAs' change).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .comm import LocalCommunicator
+from .config import LineSearchConfig, MLBFGSConfig
+from .global_curvature import GlobalCurvature
+from .linesearch import LinePoint, WolfeSettings, strong_wolfe_search
+from .partition import Ownership
+from .stepsize import sum_in_rank_order
+
+logger = logging.getLogger(__name__)
+
+#: The searched mode's own counters (checkpointed beside the curvature's global state).
+SEARCH_STATE_KEYS: tuple[str, ...] = ("func_evals", "last_step_length")
+
+
+class SearchedSteps:
+    """The line-searched ``step(closure)`` of :class:`~mlbfgs_hpc.MLBFGS`.
+
+    Args:
+        comm: the communicator.
+        params: every optimized parameter, in the flat layout's order.
+        ownership: the flat vector's slices per rank.
+        node_aware: the update ``Allgatherv``'s path.
+        curvature: the history (owned columns).
+        config: the optimizer's constants (``beta_param``, ``beta_grad``, ``update_freq``).
+        settings: the iteration and search settings.
+        gather_grad: after a closure: waits for the averaged gradients and copies the owned
+            gradient into ``grad``.
+        read_params: copies the owned parameters into ``param``.
+        grad: the owned flat gradient (written by ``gather_grad``).
+        param: the owned flat parameters (written by ``read_params``).
+        flat_state: the owned EMA buffers ``m_param``, ``m_grad``, ``snap_param``,
+            ``snap_grad``.
+        counters: the optimizer's run-wide counters (``step`` counts iterations here).
+        direction: the full flat vector that receives d (the update buffer), with
+            ``owned_direction`` its owned slice and ``direction_views`` its per-parameter
+            views.
+    """
+
+    def __init__(self, *, comm: LocalCommunicator, params: Sequence[torch.Tensor],
+                 ownership: Ownership, node_aware: bool, curvature: GlobalCurvature,
+                 config: MLBFGSConfig, settings: LineSearchConfig,
+                 gather_grad: Callable[[], None], read_params: Callable[[], None],
+                 grad: torch.Tensor, param: torch.Tensor,
+                 flat_state: Mapping[str, torch.Tensor], counters: Mapping[str, torch.Tensor],
+                 direction: torch.Tensor, owned_direction: torch.Tensor,
+                 direction_views: Sequence[torch.Tensor]) -> None:
+        self.comm, self.params, self.ownership = comm, list(params), ownership
+        self.node_aware, self.curvature = node_aware, curvature
+        self.config, self.settings = config, settings
+        self.wolfe = WolfeSettings(tolerance_change=settings.tolerance_change)
+        self._gather_grad, self._read_params = gather_grad, read_params
+        self.grad, self.param = grad, param
+        self.flat_state, self.counters = flat_state, counters
+        self.direction, self.owned_direction = direction, owned_direction
+        self.direction_views = list(direction_views)
+        # The iterate at the start of a search (every element, on every rank), and the
+        # gradients the search may hand back.
+        self._start = torch.zeros_like(direction)
+        self._start_views = [v.view_as(p) for v, p in zip(
+            self._start.split([p.numel() for p in self.params]), self.params)]
+        self._g = torch.zeros_like(grad)        # gradient at the current iterate
+        self._g_kept = torch.zeros_like(grad)   # gradient of the search's best trial
+        self.func_evals = torch.zeros((), dtype=torch.int64)
+        self.last_step_length = torch.full((), math.nan, dtype=torch.float64)
+        #: Closure evaluations of the last step() (a diagnostic).
+        self.last_step_evals = 0
+
+    # ---- state ----------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The counters and the curvature's global state (the same on every rank)."""
+        return {"func_evals": self.func_evals, "last_step_length": self.last_step_length,
+                **self.curvature.global_state()}
+
+    def load(self, state: Mapping[str, torch.Tensor],
+             columns: Sequence[tuple[slice, Mapping[str, torch.Tensor]]]) -> None:
+        """Load :meth:`state_tensors` and the owned blocks' S and Ŷ columns (by slice)."""
+        self.func_evals.copy_(state["func_evals"])
+        self.last_step_length.copy_(state["last_step_length"])
+        self.curvature.load(state, columns)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor this object allocated (for memory accounting)."""
+        return [self._start, self._g, self._g_kept, *self.curvature.tensors()]
+
+    # ---- evaluations ----------------------------------------------------------------------
+    def _evaluate(self, closure: Callable[[], torch.Tensor],
+                  row_of: Callable[[], list[float]]) -> tuple[float, Any]:
+        """Run the closure, gather the owned gradient, all-gather ``[loss, *row_of()]``.
+
+        Returns the loss averaged over ranks (summed in rank order) and the (ranks × values)
+        array of every rank's row."""
+        with torch.enable_grad():
+            local = float(closure())
+        self._gather_grad()
+        self.func_evals += 1
+        rows = self.comm.allgather_scalars([local, *row_of()])
+        return sum_in_rank_order(rows[:, :1])[0] / len(rows), rows
+
+    def _set_params(self, t: float) -> None:
+        """θ ← start + t·d on every parameter (the same arithmetic on every rank)."""
+        torch._foreach_copy_(self.params, self._start_views)
+        if t != 0.0:
+            torch._foreach_add_(self.params, self.direction_views, alpha=t)
+
+    # ---- the step -------------------------------------------------------------------------
+    def step(self, closure: Callable[[], torch.Tensor], *, lr: float
+             ) -> tuple[torch.Tensor, bool]:
+        """One ``step()``: up to ``max_iter`` searched L-BFGS iterations.
+
+        Returns:
+            The global loss at the starting point (as ``torch.optim.LBFGS`` returns the
+            closure's first value), and ``False`` when the step was skipped because the loss
+            or the gradient was not finite there (parameters untouched).
+        """
+        s = self.settings
+        evals_before = int(self.func_evals)
+        grad = self.grad
+
+        def start_row() -> list[float]:
+            return [float(grad.abs().max()) if grad.numel() else 0.0,
+                    float(grad.abs().sum())]
+
+        loss, rows = self._evaluate(closure, start_row)
+        g_max = max(float(row[1]) for row in rows)
+        g_l1 = sum_in_rank_order(rows)[2]
+        self.last_step_evals = 1
+        first_loss = torch.tensor(loss, dtype=torch.float64)
+        if not (math.isfinite(loss) and math.isfinite(g_max)):
+            return first_loss, False
+        if g_max <= s.tolerance_grad:
+            return first_loss, True
+        self._g.copy_(grad)
+        for _ in range(s.max_iter):
+            self.counters["step"] += 1
+            iteration = int(self.counters["step"])
+            self._update_pairs(iteration)
+            g_dot_d = self._descent_direction()
+            if not (math.isfinite(g_dot_d) and g_dot_d < -s.tolerance_change):
+                break
+            t_init = lr * min(1.0, 1.0 / g_l1) if iteration == 1 else lr
+            self.comm.allgatherv_(self.direction, self.ownership.counts,
+                                  self.ownership.offsets, node_aware=self.node_aware)
+            d_max = float(self.direction.abs().max())
+            torch._foreach_copy_(self._start_views, self.params)
+            previous_loss = loss
+            # What is left of the step's budget, as torch gives its search (its max_ls,
+            # plus the first trial, which always runs).
+            budget = s.max_eval - (int(self.func_evals) - evals_before) + 1
+            point, g_max, evals = self._search(closure, start=LinePoint(0.0, loss, g_dot_d),
+                                               t_init=t_init, d_max=d_max, g_max=g_max,
+                                               budget=max(1, budget))
+            self.last_step_evals += evals
+            loss = point.loss
+            self.last_step_length.fill_(point.t)
+            if int(self.func_evals) - evals_before >= s.max_eval:
+                break
+            if g_max <= s.tolerance_grad:
+                break
+            if point.t * d_max <= s.tolerance_change:
+                break
+            if abs(loss - previous_loss) < s.tolerance_change:
+                break
+        return first_loss, True
+
+    def _search(self, closure: Callable[[], torch.Tensor], *, start: LinePoint,
+                t_init: float, d_max: float, g_max: float, budget: int
+                ) -> tuple[LinePoint, float, int]:
+        """The strong-Wolfe search along the gathered direction; leaves θ at the accepted
+        point and its gradient in ``_g``. Returns the point, its max|g| and the
+        evaluations spent."""
+        grad, owned_d = self.grad, self.owned_direction
+        last_g_max = kept_g_max = math.nan
+
+        def trial_row() -> list[float]:
+            return [float(torch.dot(grad, owned_d)),
+                    float(grad.abs().max()) if grad.numel() else 0.0]
+
+        def evaluate(t: float) -> LinePoint:
+            nonlocal last_g_max
+            self._set_params(t)
+            loss, rows = self._evaluate(closure, trial_row)
+            last_g_max = max(float(row[2]) for row in rows)
+            return LinePoint(t, loss, sum_in_rank_order(rows)[1])
+
+        def keep() -> None:
+            nonlocal kept_g_max
+            self._g_kept.copy_(grad)
+            kept_g_max = last_g_max
+
+        outcome = strong_wolfe_search(evaluate, start=start, t_init=t_init,
+                                      direction_max=d_max, settings=self.wolfe,
+                                      max_evals=budget, keep=keep)
+        if outcome.source == "last":
+            self._g.copy_(grad)
+            g_max = last_g_max
+        elif outcome.source == "kept":
+            self._set_params(outcome.point.t)
+            self._g.copy_(self._g_kept)
+            g_max = kept_g_max
+        else:   # no acceptable step: back to the start (t = 0)
+            self._set_params(0.0)
+        return outcome.point, g_max, outcome.evaluations
+
+    # ---- pairs and direction --------------------------------------------------------------
+    def _update_pairs(self, iteration: int) -> None:
+        """The EMA buffers at the current iterate; every T iterations (from 2T on) a pair
+        from their change since the last snapshot (as the stochastic step, on θ and g)."""
+        cfg, state = self.config, self.flat_state
+        self._read_params()
+        m_param, m_grad = state["m_param"], state["m_grad"]
+        if iteration == 1:
+            m_param.copy_(self.param)
+            m_grad.copy_(self._g)
+        else:
+            m_param.lerp_(self.param, 1.0 - cfg.beta_param)
+            m_grad.lerp_(self._g, 1.0 - cfg.beta_grad)
+        if iteration % cfg.update_freq:
+            return
+        if iteration >= 2 * cfg.update_freq:
+            s = m_param - state["snap_param"]
+            y = m_grad - state["snap_grad"]
+            rows = self.comm.allgather_scalars(self.curvature.pair_row(s, y))
+            self.curvature.offer(s, y, sum_in_rank_order(rows))
+            self.counters["accepted_pairs"].fill_(int(self.curvature.accepted))
+            self.counters["rejected_pairs"].fill_(int(self.curvature.rejected))
+            self.counters["last_gamma"].fill_(float(self.curvature.gamma))
+        state["snap_param"].copy_(m_param)
+        state["snap_grad"].copy_(m_grad)
+
+    def _descent_direction(self) -> float:
+        """``d = −H·g`` (``−g`` before the first pair) into the owned direction; returns
+        gᵀd (global). A direction that does not descend (H broken by round-off) empties the
+        history and falls back to −g."""
+        g, curvature = self._g, self.curvature
+        curved = curvature.has_curvature
+        row = [float(torch.dot(g, g))]
+        if curved:
+            row += curvature.projection_row(g)
+        totals = sum_in_rank_order(self.comm.allgather_scalars(row))
+        g_sq = totals[0]
+        if curved:
+            pairs_part = curvature.descent_direction_(g, totals[1:], self.owned_direction)
+            g_dot_d = pairs_part - float(curvature.gamma) * g_sq
+            if math.isfinite(g_dot_d) and g_dot_d < 0.0:
+                return g_dot_d
+            logger.warning("the curvature gave no descent direction (gᵀd = %.3g): history "
+                           "cleared, steepest descent for this iteration", g_dot_d)
+            curvature.reset()
+            self.counters["sgd_fallbacks"] += 1
+        torch.neg(g, out=self.owned_direction)
+        return -g_sq
