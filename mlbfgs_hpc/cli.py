@@ -24,7 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .config import MLBFGSConfig, validate_momentum
+from .config import (MLBFGSConfig, check_searched_config, check_searched_group,
+                     validate_momentum)
 
 __all__ = ["UsageError", "HelpFormatter", "ArgumentParser", "launcher_rank",
            "print_usage_error", "validate_train_args", "train_args_ok", "FLAG_RULES"]
@@ -90,7 +91,7 @@ def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
 
 #: ``(destination, check, what is allowed)`` for every flag of mlbfgs-train with a range.
 FLAG_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
-    ("epochs", lambda v: _finite(v) and v > 0, "a number > 0"),
+    ("epochs", _optional(lambda v: _finite(v) and v > 0), "a number > 0"),
     ("steps", _optional(lambda v: v >= 1), "an integer >= 1"),
     ("batch_size", lambda v: v >= 1, "an integer >= 1"),
     ("lr", _optional(lambda v: _finite(v) and v >= 0), "a finite number >= 0"),
@@ -109,6 +110,13 @@ FLAG_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("synthetic_size", lambda v: v >= 1, "an integer >= 1"),
     ("threads", _optional(lambda v: v >= 1), "an integer >= 1"),
     ("max_grad_norm", _optional(lambda v: _finite(v) and v > 0), "a finite number > 0"),
+    ("max_iter", _optional(lambda v: v >= 1), "an integer >= 1"),
+    ("collocation", _optional(lambda v: v >= 1), "an integer >= 1"),
+    ("boundary_points", _optional(lambda v: v >= 1), "an integer >= 1"),
+    ("collocation_batch", lambda v: v >= 0, "an integer >= 0 (0: full batch)"),
+    ("constraint_weight", _optional(lambda v: _finite(v) and v > 0), "a finite number > 0"),
+    ("switch_at", _optional(lambda v: v >= 1), "an integer >= 1"),
+    ("switch_lr", lambda v: _finite(v) and v > 0, "a finite number > 0"),
 )
 
 
@@ -128,7 +136,8 @@ def validate_train_args(args: argparse.Namespace) -> None:
         if hasattr(args, dest) and not check(getattr(args, dest)):
             raise UsageError(f"{flag(dest)} must be {allowed}, got {getattr(args, dest)!r}")
     optimizer = getattr(args, "optimizer", "mlbfgs")
-    if optimizer == "mlbfgs":
+    second = getattr(args, "switch_to", None) if getattr(args, "switch_at", None) else None
+    if optimizer == "mlbfgs" or second == "mlbfgs":
         _check_mlbfgs_config(args)
     elif optimizer == "sgd" and not (_finite(args.momentum) and args.momentum >= 0):
         raise UsageError(f"--momentum must be a finite number >= 0, got {args.momentum!r}")
@@ -136,9 +145,11 @@ def validate_train_args(args: argparse.Namespace) -> None:
         raise UsageError("--nesterov needs --momentum > 0")
     elif optimizer == "lbfgs" and args.history_size < 1:
         raise UsageError(f"--history-size must be an integer >= 1, got {args.history_size!r}")
-    if optimizer != "lbfgs" and getattr(args, "line_search", "none") != "none":
-        raise UsageError(f"--line-search {args.line_search} needs --optimizer lbfgs, not "
-                         f"{optimizer}")
+    searching = {optimizer, second} & {"lbfgs", "mlbfgs"}
+    if not searching and getattr(args, "line_search", "none") != "none":
+        raise UsageError(f"--line-search {args.line_search} needs --optimizer lbfgs or "
+                         f"mlbfgs (or --switch-at with --switch-to), not {optimizer}")
+    _check_pinn_args(args)
     if optimizer != "mlbfgs" and getattr(args, "grad_reduce", None) == "reducescatter":
         # The baselines read every gradient on every rank: only an allreduce serves them.
         raise UsageError(f"--grad-reduce reducescatter needs --optimizer mlbfgs (the only one "
@@ -163,17 +174,45 @@ def train_args_ok(args: argparse.Namespace, *, prog: str = "mlbfgs-train") -> bo
     return True
 
 
+def searched_mlbfgs(args: argparse.Namespace) -> bool:
+    """Whether the run's mL-BFGS (first optimizer or ``--switch-to``) uses a line search."""
+    uses = (getattr(args, "optimizer", None) == "mlbfgs"
+            or (getattr(args, "switch_at", None) is not None
+                and getattr(args, "switch_to", None) == "mlbfgs"))
+    return uses and getattr(args, "line_search", "none") != "none"
+
+
+def _check_pinn_args(args: argparse.Namespace) -> None:
+    """The PINN flags: only with ``--pde``, and not the classifier's model or data."""
+    if getattr(args, "pde", None) is None:
+        for dest in ("collocation", "boundary_points", "constraint_weight"):
+            if getattr(args, dest, None) is not None:
+                raise UsageError(f"{flag(dest)} needs --pde")
+        if getattr(args, "collocation_batch", 0):
+            raise UsageError("--collocation-batch needs --pde (a classifier's batch is "
+                             "--batch-size)")
+        return
+    for dest in ("model", "dataset", "data_root"):
+        if getattr(args, dest, None) is not None:
+            raise UsageError(f"{flag(dest)} does not apply to --pde {args.pde} (the PINN is a "
+                             f"tanh MLP, see --width/--depth; its data are collocation points)")
+
+
 def _check_mlbfgs_config(args: argparse.Namespace) -> None:
     """The optimizer's own validation, with its argument names turned into flags."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(MLBFGSConfig)
               if hasattr(args, f.name)}
     try:
-        MLBFGSConfig(**values)
-        if hasattr(args, "momentum"):   # a param-group setting, checked as the optimizer does
+        config = MLBFGSConfig(**values)
+        if searched_mlbfgs(args):
+            check_searched_config(config)
+            check_searched_group({"momentum": args.momentum,
+                                  "weight_decay": getattr(args, "weight_decay", 0.0)})
+        elif hasattr(args, "momentum"):   # a param-group setting, checked as MLBFGS does
             validate_momentum(args.momentum, nesterov=values.get("nesterov", False))
     except ValueError as exc:
-        message = str(exc)
-        for name in sorted([*values, "momentum"], key=len, reverse=True):
+        message = str(exc).replace("with line_search_fn", "with --line-search")
+        for name in sorted([*values, "momentum", "weight_decay"], key=len, reverse=True):
             if message.startswith(name + " "):
                 message = flag(name) + message[len(name):]
                 break

@@ -118,6 +118,16 @@ class MLBFGSConfig:
                 for key, value in dataclasses.asdict(self).items()}
 
 
+#: Closure evaluations torch's strong-Wolfe search may spend at most (its ``max_ls``).
+SEARCH_EVALS = 25
+
+
+def default_max_eval(max_iter: int) -> int:
+    """``max_eval`` when not given: ``torch.optim.LBFGS``'s ``max_iter · 5 // 4``, but for
+    one iteration per ``step()`` the start plus one whole search (:data:`SEARCH_EVALS`)."""
+    return 1 + SEARCH_EVALS if max_iter == 1 else max_iter * 5 // 4
+
+
 @dataclass(frozen=True)
 class LineSearchConfig:
     """How ``MLBFGS.step(closure)`` iterates when ``line_search_fn`` is set: the meaning and
@@ -128,7 +138,9 @@ class LineSearchConfig:
         max_iter: L-BFGS iterations per ``step()`` (each ends with a line search). With a
             full batch, more than one saves the closure evaluation every ``step()`` starts
             with; with a fresh mini-batch per ``step()``, use 1.
-        max_eval: closure evaluations per ``step()`` (default ``max_iter · 5 // 4``).
+        max_eval: closure evaluations per ``step()``. Default ``max_iter · 5 // 4``, torch's,
+            except for ``max_iter=1``: 26, the start and torch's 25-evaluation cap of one
+            search (torch's 1 leaves a one-iteration step no evaluation to search with).
         tolerance_grad: a ``step()`` stops once max|g| falls to this (first-order optimal).
         tolerance_change: it stops once the step, or the change of the loss, is below this.
     """
@@ -144,8 +156,8 @@ class LineSearchConfig:
                  f"None or one of {LINE_SEARCH_FNS}", self.line_search_fn)
         _require(_integer(self.max_iter) and self.max_iter >= 1,
                  "max_iter", "an integer >= 1", self.max_iter)
-        if self.max_eval is None:   # torch.optim.LBFGS's rule
-            object.__setattr__(self, "max_eval", self.max_iter * 5 // 4)
+        if self.max_eval is None:
+            object.__setattr__(self, "max_eval", default_max_eval(self.max_iter))
         _require(_integer(self.max_eval) and self.max_eval >= 1,
                  "max_eval", "None or an integer >= 1", self.max_eval)
         for name in ("tolerance_grad", "tolerance_change"):

@@ -9,22 +9,33 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from . import cli
 from .comm import GRAD_BACKENDS, GRAD_REDUCE_MODES
-from .config import CLIP_MODES, DEFAULT_MOMENTUM, MLBFGSConfig
+from .config import (CLIP_MODES, DEFAULT_MOMENTUM, SEARCH_EVALS, SEARCHED_DEFAULTS, MLBFGSConfig,
+                     STOCHASTIC_DEFAULTS, default_max_eval)
 from .data import DATASET_NAMES
 from .models import MODEL_NAMES
+from .cli import searched_mlbfgs
+from .pinn import PROBLEMS
 
 OPTIMIZERS = ("mlbfgs", "sgd", "adam", "lbfgs")
-#: ``--line-search`` choices (``--optimizer lbfgs`` only): torch's ``line_search_fn``.
+#: ``--switch-to`` choices: the second optimizer of the PINN recipe (Adam, then L-BFGS).
+SWITCH_TARGETS = ("lbfgs", "mlbfgs")
+#: ``--line-search`` choices (``lbfgs`` and ``mlbfgs``): torch's ``line_search_fn``.
 LINE_SEARCHES = ("none", "strong_wolfe")
 #: Closure evaluations one ``--line-search`` may spend in a step after the step's first
 #: (torch's own cap on a strong-Wolfe search, ``max_ls``).
-LINE_SEARCH_EVALS = 25
+LINE_SEARCH_EVALS = SEARCH_EVALS
 SCHEDULES = ("none", "cosine", "step")
 DEFAULT_LR = {"mlbfgs": 0.1, "sgd": 0.05, "adam": 1e-3, "lbfgs": 0.1}
+DEFAULT_EPOCHS = 2.0
+#: A PINN run's length when neither ``--steps`` nor ``--epochs`` is given.
+PINN_DEFAULT_STEPS = 1000
+#: The lr with ``--line-search`` (the search's first trial step): torch's and MLBFGS's 1.
+SEARCHED_LR = 1.0
 NODE_AWARE_CHOICES = {"auto": None, "on": True, "off": False}
 #: The lr warm-up when ``--warmup-steps`` is not given, as a fraction of the run's steps: with
 #: it the small CNN survives 2x its recommended lr (BENCHMARKS.md §9.9; without it, seeds
@@ -45,40 +56,138 @@ def default_warmup_steps(total_steps: int) -> int:
 _DEFAULTS = MLBFGSConfig()
 
 
-def lbfgs_search_settings(line_search: str) -> dict[str, Any]:
-    """The ``torch.optim.LBFGS`` param-group entries of ``--line-search``.
+def lbfgs_search_settings(line_search: str, *, max_iter: int = 1) -> dict[str, Any]:
+    """The ``torch.optim.LBFGS`` param-group entries of ``--line-search`` for ``max_iter``
+    iterations per step.
 
-    The trainer runs one L-BFGS iteration per batch (``max_iter=1``). torch's default
-    ``max_eval`` for that is 1, which leaves a search no evaluation after the step's first: it
-    could try only ``lr`` and returns a step of 0 when that fails, so a search gets
-    :data:`LINE_SEARCH_EVALS` more.
+    ``max_eval`` is torch's default (``max_iter · 5 // 4``), except for a search with one
+    iteration per step (the classification trainer's), where torch's 1 would leave the search
+    no evaluation after the step's first: it then gets :data:`LINE_SEARCH_EVALS` more (as
+    :class:`~mlbfgs_hpc.MLBFGS` does, :func:`~mlbfgs_hpc.config.default_max_eval`).
     """
     if line_search == "none":
-        return {"line_search_fn": None, "max_eval": 1}
-    return {"line_search_fn": line_search, "max_eval": 1 + LINE_SEARCH_EVALS}
+        return {"line_search_fn": None, "max_eval": max_iter * 5 // 4}
+    return {"line_search_fn": line_search, "max_eval": default_max_eval(max_iter)}
+
+
+#: The mL-BFGS flags whose default depends on the mode (with or without ``--line-search``):
+#: :data:`~mlbfgs_hpc.config.STOCHASTIC_DEFAULTS` / :data:`~mlbfgs_hpc.config.SEARCHED_DEFAULTS`.
+MODE_FLAGS: tuple[str, ...] = ("history_size", "update_freq", "beta_param", "beta_grad",
+                               "damping", "sigma_low", "sigma_high", "clip", "double_damping")
+
+
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill in the defaults that depend on other flags (in place; returned for chaining).
+
+    * classification or PINN (``--pde``): ``--model``/``--dataset`` (cnn on Fashion-MNIST),
+      ``--schedule`` (cosine; none for a PINN), ``--max-iter`` (20 for a full-batch PINN,
+      torch's default; else 1: one iteration per batch);
+    * mL-BFGS with or without ``--line-search``: the hyper-parameters of :data:`MODE_FLAGS`,
+      ``--momentum`` and the lr (:data:`SEARCHED_LR` with a search);
+    * the lr of the first optimizer (:data:`DEFAULT_LR`).
+
+    Resolved here, once, the values are what a checkpoint records, so a run resumed with the
+    same command line sees no changed setting.
+    """
+    pinn = getattr(args, "pde", None) is not None
+    if not pinn:
+        args.model = "cnn" if args.model is None else args.model
+        args.dataset = "fashion-mnist" if args.dataset is None else args.dataset
+    if not pinn and args.epochs is None:
+        args.epochs = DEFAULT_EPOCHS
+    if pinn and args.epochs is None and args.steps is None:
+        args.steps = PINN_DEFAULT_STEPS
+    if args.schedule is None:
+        args.schedule = "none" if pinn else "cosine"
+    if args.max_iter is None:
+        args.max_iter = 20 if pinn and not args.collocation_batch else 1
+    defaults = SEARCHED_DEFAULTS if searched_mlbfgs(args) else STOCHASTIC_DEFAULTS
+    for key in MODE_FLAGS:
+        if getattr(args, key) is None:
+            setattr(args, key, defaults[key])
+    if args.momentum is None:   # (0 also for an SGD phase before a searched mL-BFGS)
+        args.momentum = defaults["momentum"]
+    if args.lr is None:
+        searched = args.line_search != "none" and args.optimizer in ("mlbfgs", "lbfgs")
+        args.lr = SEARCHED_LR if searched else DEFAULT_LR[args.optimizer]
+    return args
+
+
+class TrainArgumentParser(cli.ArgumentParser):
+    """``mlbfgs-train``'s parser: after parsing, :func:`resolve_defaults`."""
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, rest = super().parse_known_args(args, namespace)
+        return resolve_defaults(parsed), rest
+
+
+def _mode_help(key: str) -> str:
+    return (f"default {STOCHASTIC_DEFAULTS[key]}, with --line-search "
+            f"{SEARCHED_DEFAULTS[key]}").replace("%", "%%")
+
+
+def _add_pinn_arguments(p: argparse.ArgumentParser) -> None:
+    pinn = p.add_argument_group(
+        "physics-informed networks (--pde)",
+        "A tanh MLP trained on the residual of a PDE at collocation points drawn from --seed "
+        "and split over the ranks; the relative L2 error against the task's reference "
+        "solution is logged as rel_l2 (eval records, the progress bar, mlbfgs-plot).")
+    pinn.add_argument("--pde", choices=sorted(PROBLEMS), default=None,
+                      help="train a PINN on this task instead of a classifier")
+    pinn.add_argument("--collocation", type=int, default=None,
+                      help="interior (PDE residual) points (default: the task's)")
+    pinn.add_argument("--boundary-points", type=int, default=None,
+                      help="boundary/initial condition points (default: the task's)")
+    pinn.add_argument("--collocation-batch", type=int, default=0,
+                      help="a fresh random subset of this many interior points every step "
+                           "(boundary points in proportion); 0: every point, every step "
+                           "(full batch)")
+    pinn.add_argument("--constraint-weight", type=float, default=None,
+                      help="weight of the boundary/initial term of the loss (default: the "
+                           "task's)")
+    switch = p.add_argument_group(
+        "switching optimizers (the PINN recipe: Adam, then L-BFGS)",
+        "Steps [0, --switch-at) use --optimizer, the rest --switch-to (fresh state, constant "
+        "lr --switch-lr, --line-search and --max-iter apply). A checkpoint holds the "
+        "optimizer of the next step, so a run resumes across the switch bit for bit.")
+    switch.add_argument("--switch-at", type=int, default=None,
+                        help="the step at which --switch-to takes over (default: never)")
+    switch.add_argument("--switch-to", choices=SWITCH_TARGETS, default="lbfgs",
+                        help="the optimizer after --switch-at")
+    switch.add_argument("--switch-lr", type=float, default=SEARCHED_LR,
+                        help="lr of --switch-to (with --line-search its first trial step)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.ArgumentParser(
+    p = TrainArgumentParser(
         prog="mlbfgs-train", formatter_class=cli.HelpFormatter,
         description="Train a model with mL-BFGS (or a baseline) on one process or many MPI "
-                    "ranks. With no arguments: a short Fashion-MNIST run of the small CNN.")
+                    "ranks. With no arguments: a short Fashion-MNIST run of the small CNN; "
+                    "with --pde: a physics-informed network (PINN).")
     a = p.add_argument
-    a("--model", choices=MODEL_NAMES, default="cnn")
-    a("--dataset", choices=DATASET_NAMES, default="fashion-mnist",
-      help="python-stdlib (next-character prediction) goes with --model transformer")
+    a("--model", choices=MODEL_NAMES, default=None, help="default: cnn (not with --pde)")
+    a("--dataset", choices=DATASET_NAMES, default=None,
+      help="default: fashion-mnist; python-stdlib (next-character prediction) goes with "
+           "--model transformer (not with --pde)")
     a("--data-root", default=None, help="directory of the Fashion-MNIST idx.gz files "
       "(python-stdlib: of the *.py files; default this Python's standard library)")
     a("--width", type=int, default=None,
-      help="model width: resnet18 base channels (default 64), transformer d_model (64)")
-    a("--depth", type=int, default=None, help="transformer layers (default 4)")
+      help="model width: resnet18 base channels (default 64), transformer d_model (64), the "
+           "PINN's neurons per layer (default: the task's)")
+    a("--depth", type=int, default=None,
+      help="transformer layers (default 4), the PINN's hidden layers (default: the task's)")
     a("--optimizer", choices=OPTIMIZERS, default="mlbfgs")
-    a("--epochs", type=float, default=2.0, help="length of the run in epochs")
+    a("--epochs", type=float, default=None,
+      help="length of the run in epochs (default 2; a PINN: --steps 1000)")
     a("--steps", type=int, default=None, help="length in optimizer steps (overrides --epochs)")
     a("--batch-size", type=int, default=128, help="GLOBAL batch size, over all ranks")
     a("--lr", type=float, default=None,
-      help=f"learning rate (default per optimizer: {DEFAULT_LR})")
-    a("--schedule", choices=SCHEDULES, default="cosine")
+      help=f"learning rate (default per optimizer: {DEFAULT_LR}; {SEARCHED_LR} for lbfgs "
+           f"and mlbfgs with --line-search, where it is the first trial step)")
+    a("--schedule", choices=SCHEDULES, default=None,
+      help="default: cosine; none for --pde")
     a("--step-size", type=int, default=None,
       help="'step' schedule: steps between decays (default: a third of the run)")
     a("--gamma", type=float, default=0.1, help="'step' schedule: decay factor")
@@ -86,34 +195,40 @@ def build_parser() -> argparse.ArgumentParser:
       help="linear lr warm-up over this many steps before the schedule (default: 10 %% of "
            "the run's steps; 0: none)")
     a("--weight-decay", type=float, default=0.0)
-    a("--momentum", type=float, default=DEFAULT_MOMENTUM,
-      help="outer momentum of mlbfgs, momentum of sgd (a param-group setting of both)")
+    a("--momentum", type=float, default=None,
+      help=f"outer momentum of mlbfgs, momentum of sgd (a param-group setting of both; "
+           f"default {DEFAULT_MOMENTUM}, 0 for mlbfgs with --line-search)")
     a("--nesterov", action="store_true")
-    a("--history-size", type=int, default=_DEFAULTS.history_size)
+    a("--history-size", type=int, default=None, help=_mode_help("history_size"))
     a("--line-search", choices=LINE_SEARCHES, default="none",
-      help="--optimizer lbfgs only: 'strong_wolfe' searches each step's length along the "
-           "L-BFGS direction (torch's line search; several forward/backward passes per "
-           "step, the same on every rank); for full-batch training, with --lr 1. 'none': "
-           "a fixed step of length lr")
-    a("--update-freq", type=int, default=_DEFAULTS.update_freq)
-    a("--beta-param", type=float, default=_DEFAULTS.beta_param)
-    a("--beta-grad", type=float, default=_DEFAULTS.beta_grad)
-    a("--damping", type=float, default=_DEFAULTS.damping)
-    a("--sigma-low", type=float, default=_DEFAULTS.sigma_low)
-    a("--sigma-high", type=float, default=_DEFAULTS.sigma_high)
+      help="lbfgs and mlbfgs (and --switch-to): 'strong_wolfe' searches each iteration's "
+           "step length along the L-BFGS direction (several forward/backward passes per "
+           "step, the same on every rank: the loss is averaged over the ranks); for "
+           "full-batch training (PINNs); lr 1 by default. With mlbfgs it also changes the "
+           "mL-BFGS defaults to those for exact gradients (see --history-size ...). "
+           "'none': a fixed step of length lr")
+    a("--max-iter", type=int, default=None,
+      help="L-BFGS iterations per step of lbfgs, and of mlbfgs with --line-search (torch's "
+           "max_iter; default 20 for a full-batch PINN, else 1)")
+    a("--update-freq", type=int, default=None, help=_mode_help("update_freq"))
+    a("--beta-param", type=float, default=None, help=_mode_help("beta_param"))
+    a("--beta-grad", type=float, default=None, help=_mode_help("beta_grad"))
+    a("--damping", type=float, default=None, help=_mode_help("damping"))
+    a("--sigma-low", type=float, default=None, help=_mode_help("sigma_low"))
+    a("--sigma-high", type=float, default=None, help=_mode_help("sigma_high"))
     a("--curvature-eps", type=float, default=_DEFAULTS.curvature_eps)
-    a("--clip", choices=CLIP_MODES, default=_DEFAULTS.clip,
+    a("--clip", choices=CLIP_MODES, default=None,
       help="step sizing once curvature is in use: graft (per block, H·g at the norm of g), "
            "graft-global (the whole direction at the whole gradient's norm, one factor; "
            "with --damping 0.01 the better choice for transformers), "
-           "kl (the design's KL guard, --kl-clip), none")
+           "kl (the design's KL guard, --kl-clip), none; " + _mode_help("clip"))
     a("--kl-clip", type=float, default=_DEFAULTS.kl_clip)
     a("--pair-momentum", type=float, default=_DEFAULTS.pair_momentum,
       help="EMA over successive curvature pairs (the authors' double momentum); 0: off")
-    a("--double-damping", type=float, default=_DEFAULTS.double_damping,
+    a("--double-damping", type=float, default=None,
       help="mu1 of double damping's first stage (s towards H*y so that s'y >= mu1*y'Hy; "
-           "Goldfarb et al. 2020): bounds H's growth from noisy pairs; 0: off "
-           "(default %(default)s)")
+           "Goldfarb et al. 2020): bounds H's growth from noisy pairs; 0: off; "
+           + _mode_help("double_damping"))
     a("--max-grad-norm", type=float, default=None,
       help="clip the averaged gradient to this global norm before each step, for every "
            "optimizer (default: no clipping); its norm is logged as grad_norm")
@@ -154,4 +269,5 @@ def build_parser() -> argparse.ArgumentParser:
     a("--threads", type=int, default=None,
       help="torch intra-op threads per rank (default: cores / ranks on this host)")
     a("--quiet", action="store_true", help="no progress bar")
+    _add_pinn_arguments(p)
     return p

@@ -135,14 +135,15 @@ def replan_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler,
         group["initial_lr"] = planned["initial_lr"]
 
 
-def apply_group_settings(optimizer: torch.optim.Optimizer, changes: Sequence[SettingChange]
-                         ) -> None:
+def apply_group_settings(optimizer: torch.optim.Optimizer, changes: Sequence[SettingChange],
+                         *, max_iter: int = 1) -> None:
     """Set changed param-group settings (:data:`GROUP_KEYS`, and ``--line-search`` as the
     entries :func:`~mlbfgs_hpc.options.lbfgs_search_settings` gives) on every group that has
     them: loading a state dict brings back the checkpoint's."""
     for change in changes:
         entries = ({change.key: change.new} if change.key in GROUP_KEYS else
-                   lbfgs_search_settings(change.new) if change.key == "line_search" else {})
+                   lbfgs_search_settings(change.new, max_iter=max_iter)
+                   if change.key == "line_search" else {})
         for group in optimizer.param_groups:
             group.update({k: v for k, v in entries.items() if k in group})
 
@@ -182,7 +183,8 @@ def apply_on_resume(saved: Mapping[str, Any], current: Mapping[str, Any], *,
     # A setting added since the checkpoint was written has nothing to compare with, but the
     # command line still wins: its param-group entries are this run's, not the loaded ones.
     added = [SettingChange(key=key, old=None, new=current[key]) for key in unrecorded]
-    apply_group_settings(optimizer, [*changes, *added])
+    apply_group_settings(optimizer, [*changes, *added],
+                         max_iter=current.get("max_iter") or 1)
     if (scheduler is not None and step < total_steps
             and any(c.key in SCHEDULE_KEYS for c in changes)):
         before = optimizer.param_groups[0]["lr"]

@@ -20,6 +20,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 #: Per-block scalars of one step, one row each of the optimizer's read-back matrix.
 BLOCK_SCALARS: tuple[str, ...] = ("g_dot_d", "gamma", "g_sq", "d_sq")
 #: Per-step read-outs of what the curvature did (:attr:`MLBFGS.diagnostics`), NaN before the
@@ -164,9 +166,13 @@ def kl_factor(g_dot_d: float, *, kl_clip: float) -> float:
 
 
 def sum_in_rank_order(per_rank: Any) -> list[float]:
-    """Column sums of a (ranks × values) array, added in rank order on every rank."""
-    totals = [0.0] * per_rank.shape[1]
-    for row in per_rank:
-        for j, value in enumerate(row):
-            totals[j] += float(value)
-    return totals
+    """Column sums of a (ranks × values) array, added in rank order on every rank.
+
+    One float64 vector addition per rank (elementwise, so every column is the same sequence
+    of IEEE additions as a Python loop over the ranks: 0 + r₀ + r₁ + …, on every rank and
+    every machine)."""
+    rows = np.asarray(per_rank, dtype=np.float64)
+    totals = np.zeros(rows.shape[1], dtype=np.float64)
+    for row in rows:
+        totals += row
+    return totals.tolist()

@@ -19,7 +19,7 @@ from torch import nn
 from mlbfgs_hpc import MLBFGS, build_blocks
 from mlbfgs_hpc.checkpoint import load_checkpoint, save_checkpoint
 from mlbfgs_hpc.comm import LocalCommunicator
-from mlbfgs_hpc.config import SEARCHED_DEFAULTS
+from mlbfgs_hpc.config import SEARCHED_DEFAULTS, default_max_eval
 
 
 def regression() -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,8 +61,11 @@ def test_same_iteration_as_torch_lbfgs(max_iter: int) -> None:
     data = regression()
     ours_model, torch_model = model_of(), model_of()
     ours = searched(ours_model, lr=1.0, max_iter=max_iter)
+    # (max_eval: torch's default for max_iter > 1; for one iteration MLBFGS's default gives
+    # the search its own 25 evaluations, torch's would give it none.)
     reference = torch.optim.LBFGS(torch_model.parameters(), lr=1.0, max_iter=max_iter,
-                                  history_size=100, line_search_fn="strong_wolfe")
+                                  max_eval=default_max_eval(max_iter), history_size=100,
+                                  line_search_fn="strong_wolfe")
     ours_closure = closure_for(ours_model, ours, data)
     torch_closure = closure_for(torch_model, reference, data)
     steps = 6 if max_iter == 20 else 40
