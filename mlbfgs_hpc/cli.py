@@ -105,7 +105,7 @@ FLAG_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("keep", lambda v: v >= 1, "an integer >= 1"),
     ("stop_after", lambda v: _finite(v) and v >= 0, "a number of seconds >= 0 (0: off)"),
     ("step_sleep", lambda v: _finite(v) and v >= 0, "a number of seconds >= 0"),
-    ("log_every", lambda v: v >= 1, "an integer >= 1"),
+    ("log_every", _optional(lambda v: v >= 1), "an integer >= 1"),
     ("eval_every", lambda v: v >= 0, "an integer >= 0 (0: every epoch)"),
     ("synthetic_size", lambda v: v >= 1, "an integer >= 1"),
     ("threads", _optional(lambda v: v >= 1), "an integer >= 1"),

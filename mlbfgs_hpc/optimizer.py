@@ -328,8 +328,9 @@ class MLBFGS(torch.optim.Optimizer):
     @property
     def diagnostics(self) -> dict[str, float]:
         """What the curvature did in the last step (:data:`~mlbfgs_hpc.stepsize.DIAGNOSTIC_KEYS`),
-        summarised over blocks with curvature; identical on every rank, not checkpointed."""
-        return dict(self._diagnostics)
+        summarised over blocks with curvature; identical on every rank, not checkpointed.
+        Empty with ``line_search_fn`` (no grafting, no guard: :attr:`counters` say it all)."""
+        return {} if self._searched is not None else dict(self._diagnostics)
 
     def optimizer_state_bytes(self) -> int:
         """Bytes of optimizer state held by this rank (buffers, rings, scratch)."""

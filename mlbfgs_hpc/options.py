@@ -97,6 +97,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         args.epochs = DEFAULT_EPOCHS
     if pinn and args.epochs is None and args.steps is None:
         args.steps = PINN_DEFAULT_STEPS
+    if args.log_every is None:
+        args.log_every = 1 if pinn else 10
     if args.schedule is None:
         args.schedule = "none" if pinn else "cosine"
     if args.max_iter is None:
@@ -259,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="combine inside each host first so one copy per host crosses the network "
            "(gradient reduce-scatter and update Allgatherv); 'auto': when a host runs "
            "more than one rank of a multi-host job")
-    a("--log-every", type=int, default=10, help="metrics.jsonl line every N steps")
+    a("--log-every", type=int, default=None,
+      help="metrics.jsonl line every N steps (default 10; 1 for --pde)")
     a("--eval-every", type=int, default=0, help="test-set evaluation every N steps "
                                                 "(0: at the end of every epoch)")
     a("--synthetic-size", type=int, default=2048)

@@ -4,12 +4,15 @@
 
     mlbfgs-plot runs/a runs/b -o runs.png                 # runs overlaid, named a and b
     mlbfgs-plot runs/a runs/b -o runs.png --names sgd,mlbfgs --x time
+    mlbfgs-plot runs/lbfgs runs/mlbfgs -o pinn.png --x time     # rel_l2 against seconds
 
-One panel each for the training loss, the test accuracy, the learning rate, and then every
-optimizer counter or diagnostic the runs logged (``accepted_pairs``, ``last_gamma``,
-``last_nu``, ``cos_mean``, ...: whatever numeric keys the ``train`` records hold besides the
-standard ones, so new counters appear without a change here), against the step (or the
-training time with ``--x time``). Undefined values (NaN) leave gaps. A run that was stopped and
+One panel each for the training loss, the evaluation (test accuracy of a classifier, the
+relative L2 error of a PINN, ``mlbfgs-train --pde``, on a log scale), the learning rate, and
+then every optimizer counter or diagnostic the runs logged (``accepted_pairs``,
+``last_gamma``, ``last_nu``, ``cos_mean``, ...: whatever numeric keys the ``train`` records
+hold besides the standard ones, so new counters appear without a change here), against the
+step (or the training time with ``--x time``, or the closure evaluations of a PINN run with
+``--x func_evals``). Undefined values (NaN) leave gaps. A run that was stopped and
 resumed logs some steps twice; the later record of a step wins, which is the timeline the
 run's final state comes from.
 
@@ -29,7 +32,14 @@ from typing import Any
 
 #: Keys of ``train`` records that are not optimizer counters.
 STANDARD_KEYS: frozenset[str] = frozenset({"event", "step", "epoch", "loss", "accuracy", "lr",
-                                           "time"})
+                                           "time", "func_evals"})
+#: The x axes: ``--x`` choice -> (record key, axis label); ``step`` is the record's step.
+X_AXES: dict[str, tuple[str, str]] = {"step": ("step", "step"),
+                                      "time": ("time", "training seconds"),
+                                      "func_evals": ("func_evals", "closure evaluations")}
+#: Evaluation panels: (title, eval key, log scale), shown when some run logged the key.
+EVAL_PANELS: tuple[tuple[str, str, bool], ...] = (
+    ("test accuracy", "test_accuracy", False), ("relative L2 error", "rel_l2", True))
 #: Counters shown first when logged (the ones a look at mL-BFGS starts with); the rest follow
 #: in the order the runs logged them.
 FIRST_COUNTERS: tuple[str, ...] = ("accepted_pairs", "rejected_pairs", "last_nu", "last_gamma")
@@ -61,7 +71,8 @@ class RunMetrics:
         xs, ys = [], []
         for step in sorted(records):
             record = records[step]
-            xs.append(float(record.get("time", math.nan)) if x == "time" else float(step))
+            key_x = X_AXES[x][0]
+            xs.append(float(step) if key_x == "step" else float(record.get(key_x, math.nan)))
             value = record.get(key)
             ys.append(float(value) if isinstance(value, (int, float)) and
                       not isinstance(value, bool) else math.nan)
@@ -110,9 +121,13 @@ def read_run(run_dir: str | Path, *, name: str | None = None) -> RunMetrics:
 
 
 def panels(runs: Sequence[RunMetrics]) -> list[tuple[str, str, str]]:
-    """``(title, source, key)`` of every panel: loss, test accuracy, lr, then the counters
-    any of the runs logged."""
-    out = [("training loss", "train", "loss"), ("test accuracy", "eval", "test_accuracy"),
+    """``(title, source, key)`` of every panel: loss, the evaluations the runs logged (test
+    accuracy; a PINN's relative L2 error), lr, then the counters any of the runs logged.
+    (A run with no evaluation at all still gets the test accuracy panel, empty.)"""
+    evaluated = [(title, "eval", key) for title, key, _ in EVAL_PANELS
+                 if any(key in record for run in runs for record in run.evals.values())]
+    out = [("training loss", "train", "loss"),
+           *(evaluated or [("test accuracy", "eval", "test_accuracy")]),
            ("learning rate", "train", "lr")]
     logged: dict[str, None] = {}
     for run in runs:
@@ -142,10 +157,11 @@ def plot_runs(runs: Sequence[RunMetrics], out: str | Path, *, x: str = "step",
                 style = "o-" if source == "eval" else "-"
                 ax.plot(xs, ys, style, label=run.name, markersize=3, linewidth=1.2)
         ax.set_title(title)
-        ax.set_xlabel("training seconds" if x == "time" else "step")
+        ax.set_xlabel(X_AXES[x][1])
         ax.grid(alpha=0.3)
-        if key == "loss" and all(y > 0 for run in runs for y in run.series("loss")[1]
-                                 if not math.isnan(y)):
+        log_scale = key == "loss" or any(k == key and log for _, k, log in EVAL_PANELS)
+        if log_scale and all(y > 0 for run in runs
+                             for y in run.series(key, source=source)[1] if not math.isnan(y)):
             ax.set_yscale("log")
     for ax in list(axes.flat)[len(chosen):]:
         ax.set_visible(False)
@@ -168,14 +184,16 @@ def _unique_names(run_dirs: Sequence[str]) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="mlbfgs-plot", description="Plot the training loss, test accuracy, lr and "
-        "optimizer counters of one or more runs (their metrics.jsonl), overlaid.")
+        prog="mlbfgs-plot", description="Plot the training loss, test accuracy (or a PINN's "
+        "relative L2 error), lr and optimizer counters of one or more runs (their "
+        "metrics.jsonl), overlaid.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("-o", "--out", required=True, metavar="FILE.png", help="output image")
     p.add_argument("--names", default=None,
                    help="comma-separated legend names, one per RUN_DIR (default: their names)")
-    p.add_argument("--x", choices=("step", "time"), default="step",
-                   help="x axis: optimizer step or training seconds (default: step)")
+    p.add_argument("--x", choices=tuple(X_AXES), default="step",
+                   help="x axis: optimizer step, training seconds or (a PINN run's) closure "
+                        "evaluations (default: step)")
     return p
 
 
