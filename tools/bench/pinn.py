@@ -63,9 +63,41 @@ def grid_settings() -> dict[str, list[str]]:
     return settings
 
 
+#: The resampled-collocation study: pools and mini-batch per task (interior, boundary).
+RESAMPLED_POOLS: dict[str, tuple[int, int]] = {"poisson": (20000, 2000),
+                                               "burgers": (20000, 600),
+                                               "helmholtz": (20000, 4000)}
+RESAMPLED_BATCH = 1000
+#: A research hook outside the package (a scratch worktree), for variants not in main.
+RESEARCH_TREE = Path("/work/wt-research")
+
+
+def resampled_settings(task: str) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """The resampled study's variants (fixed before its runs): setting -> (flags, env)."""
+    pool, boundary = RESAMPLED_POOLS[task]
+    common = ["--collocation", str(pool), "--boundary-points", str(boundary),
+              "--collocation-batch", str(RESAMPLED_BATCH), "--max-iter", "1",
+              "--eval-every", "5"]
+    searched = ["--optimizer", "mlbfgs", *LBFGS]
+    return {
+        "V0_torch_lbfgs": (["--optimizer", "lbfgs", *LBFGS, *common], {}),
+        "V1_beta0": ([*searched, *common], {}),
+        "V2_beta09": ([*searched, "--beta-param", "0.9", "--beta-grad", "0.9", *common], {}),
+        "V3_beta05": ([*searched, "--beta-param", "0.5", "--beta-grad", "0.5", *common], {}),
+        "V4_beta09_T5": ([*searched, "--beta-param", "0.9", "--beta-grad", "0.9",
+                          "--update-freq", "5", *common], {}),
+        "V5_adam_1e-3": (["--optimizer", "adam", "--lr", "1e-3", *common], {}),
+        "V5_adam_3e-3": (["--optimizer", "adam", "--lr", "3e-3", *common], {}),
+        "V6_same_batch": ([*searched, *common],
+                          {"MLBFGS_RESEARCH_SAME_BATCH_PAIRS": "1",
+                           "PYTHONPATH": str(RESEARCH_TREE)}),
+    }
+
+
 @dataclass(frozen=True)
 class RunSpec:
-    """One run: its setting's name, the task, the seed, ranks (0: plain process), flags."""
+    """One run: its setting's name, the task, the seed, ranks (0: plain process), flags,
+    the training-time budget and extra environment (a research hook's)."""
 
     setting: str
     task: str
@@ -73,6 +105,7 @@ class RunSpec:
     ranks: int
     flags: tuple[str, ...]
     budget: float
+    env: tuple[tuple[str, str], ...] = ()
 
     @property
     def name(self) -> str:
@@ -83,7 +116,7 @@ class RunSpec:
         cmd = [sys.executable, "-m", "mlbfgs_hpc", "--pde", self.task, "--seed",
                str(self.seed), "--run-dir", str(run_dir), "--resume", "never", "--quiet",
                "--threads", "1", "--steps", "1000000", "--stop-after", f"{wall:.0f}",
-               "--eval-every", "1", *self.flags]
+               "--eval-every", "1", *self.flags]   # (a later --eval-every wins)
         if self.ranks:
             cmd = [shutil.which("mpirun") or "mpirun", "-np", str(self.ranks), "--bind-to",
                    "none", *cmd]
@@ -107,6 +140,12 @@ def plan(name: str, *, tasks: list[str], seeds: list[int], settings: list[str] |
             chosen = settings or list(grid)
             for seed in seeds:
                 specs += [RunSpec(s, task, seed, 0, tuple(grid[s]), budget) for s in chosen]
+        elif name == "resampled":
+            variants = resampled_settings(task)
+            chosen = settings or list(variants)
+            for seed in seeds:
+                specs += [RunSpec(v, task, seed, 0, tuple(variants[v][0]), budget,
+                                  tuple(variants[v][1].items())) for v in chosen]
         elif name == "ranks":
             for seed in seeds:
                 specs.append(RunSpec("mlbfgs_2ranks", task, seed, 2,
@@ -130,8 +169,10 @@ def _run(spec: RunSpec, out: Path) -> str:
     run_dir.mkdir(parents=True)
     start = time.monotonic()
     with (run_dir / "log.txt").open("w") as log:
+        env = dict(spec.env)
+        cwd = Path(env.get("PYTHONPATH", REPO))
         proc = subprocess.run(spec.command(run_dir), stdout=log, stderr=subprocess.STDOUT,
-                              env=mpi_env(OMP_NUM_THREADS="1"), cwd=REPO,
+                              env=mpi_env(OMP_NUM_THREADS="1", **env), cwd=cwd,
                               timeout=3 * spec.budget + 300)
     wall = time.monotonic() - start
     (run_dir / "spec.json").write_text(json.dumps({**spec.__dict__, "flags": spec.flags}))
@@ -256,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("action", choices=("run", "report", "plot"))
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--task", action="append", required=True, choices=sorted(BUDGETS))
-    p.add_argument("--plan", default="grid", choices=("grid", "ranks"))
+    p.add_argument("--plan", default="grid", choices=("grid", "ranks", "resampled"))
     p.add_argument("--setting", action="append", default=None,
                    help="only these settings of the grid (repeatable)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
