@@ -21,6 +21,8 @@ from .problem import (
 )
 
 _PI = math.pi
+# float64 (constraint points, targets, periodic lower points, periodic upper points).
+_ConstraintDraw = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
 
 @functools.lru_cache(maxsize=8)
@@ -71,7 +73,7 @@ class Poisson(_AnalyticProblem):
             laplacian = second_derivative(du, x, 0) + second_derivative(du, x, 1)
             return -laplacian - 2.0 * _PI ** 2 * self.exact(x.detach())
 
-    def _sample_constraint(self, n, generator):
+    def _sample_constraint(self, n: int, generator: torch.Generator) -> _ConstraintDraw:
         points = box_faces(n, self.lower, self.upper, generator)
         return points, torch.zeros(n, dtype=torch.float64), None, None
 
@@ -111,7 +113,7 @@ class Helmholtz(_AnalyticProblem):
             laplacian = second_derivative(du, x, 0) + second_derivative(du, x, 1)
             return laplacian + self.k ** 2 * u - self.source(x.detach())
 
-    def _sample_constraint(self, n, generator):
+    def _sample_constraint(self, n: int, generator: torch.Generator) -> _ConstraintDraw:
         points = box_faces(n, self.lower, self.upper, generator)
         return points, self.exact(points), None, None
 
@@ -146,7 +148,7 @@ class Convection(_AnalyticProblem):
             du = gradient(evaluate(model, x), x)
             return du[:, 1] + self.beta * du[:, 0]
 
-    def _sample_constraint(self, n, generator):
+    def _sample_constraint(self, n: int, generator: torch.Generator) -> _ConstraintDraw:
         n_initial, n_periodic = split_count(n, (1, 1))
         initial = uniform_on_face(n_initial, self.lower, self.upper, coordinate=1,
                                   value=self.lower[1], generator=generator)
@@ -186,7 +188,7 @@ class Burgers(PINNProblem):
             du = gradient(u, x)
             return du[:, 1] + u * du[:, 0] - self.nu * second_derivative(du, x, 0)
 
-    def _sample_constraint(self, n, generator):
+    def _sample_constraint(self, n: int, generator: torch.Generator) -> _ConstraintDraw:
         n_initial, n_left, n_right = split_count(n, (2, 1, 1))
         initial = uniform_on_face(n_initial, self.lower, self.upper, coordinate=1,
                                   value=self.lower[1], generator=generator)
