@@ -43,7 +43,8 @@ from .options import (DEFAULT_LR, NODE_AWARE_CHOICES, build_parser, default_warm
                       lbfgs_search_settings)
 from .rundir import RunDirBusyError, hold_run_dir
 from .seeding import seed_everything
-from .signals import EXIT_OK, EXIT_REQUEUE, StopRequest, process_age_seconds
+from .divergence import DivergenceReport, TrainingDivergedError
+from .signals import EXIT_DIVERGED, EXIT_OK, EXIT_REQUEUE, StopRequest, process_age_seconds
 
 logger = logging.getLogger("mlbfgs_hpc.train")
 
@@ -57,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds of interpreter, Horovod and MPI shutdown) cannot turn 0 or 99 into 138. Embedders
     wanting their handlers back use :meth:`Trainer.run`, which restores them.
     Exit code 2 (one line from rank 0): a bad flag value, missing data, a busy run directory,
-    several processes started without MPI (``horovodrun`` on Gloo).
+    several processes started without MPI (``horovodrun`` on Gloo). Exit code 3 (one line
+    from rank 0): the run diverged (:class:`~mlbfgs_hpc.divergence.TrainingDivergedError`).
     """
     args = build_parser().parse_args(argv)
     if not cli.train_args_ok(args):
@@ -259,8 +261,10 @@ class Trainer:
                 return
         else:
             path = mode
+        # The changed settings are reported below, one line per flag (runconfig).
         loaded = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer,
-                                      comm=self.comm, scheduler=self.scheduler)
+                                      comm=self.comm, scheduler=self.scheduler,
+                                      warn_changed_settings=False)
         self.step = int(loaded.step)
         self.elapsed_before = float(loaded.extra.get("elapsed_seconds", 0.0))
         self._checkpointed_step = self.step
@@ -287,7 +291,12 @@ class Trainer:
             epoch, batch_index = divmod(self.step, steps_per_epoch)
             idx = self.sampler.local_indices(epoch, batch_index).to(self.device)
             global_len = self.sampler.global_batch_len(batch_index)
-            loss_sum, correct = self._train_step(idx, global_len * self.targets_per_sample)
+            try:
+                loss_sum, correct = self._train_step(idx, global_len * self.targets_per_sample)
+            except TrainingDivergedError as exc:   # raised on every rank at this step
+                if bar is not None:
+                    bar.close()
+                return self._diverged(exc, metrics)
             self.step += 1
             if self.scheduler is not None:
                 self.scheduler.step()
@@ -415,6 +424,17 @@ class Trainer:
                    "elapsed_seconds": self._elapsed(), "final": final})
         self._checkpointed_step = self.step
         logger.info("checkpoint %s written in %.2f s", path, time.monotonic() - start)
+
+    def _diverged(self, exc: TrainingDivergedError, metrics: Any) -> int:
+        """One line naming the last good checkpoint (rank 0), and :data:`EXIT_DIVERGED`."""
+        if self.comm.rank == 0:
+            report = DivergenceReport.of(exc, failed_step=self.step + 1, run_dir=self.run_dir,
+                                         checkpoints=[(i.step, i.path) for i in
+                                                      ckpt.list_checkpoints(self.run_dir)
+                                                      if i.valid])
+            self._write_metric(metrics, report.record())
+            cli.print_usage_error("mlbfgs-train", report.message(), rank=0)
+        return EXIT_DIVERGED
 
     # ---- output -------------------------------------------------------------------------
     def _elapsed(self) -> float:
