@@ -404,6 +404,7 @@ def test_loading_a_state_with_other_settings_warns_once(caplog: pytest.LogCaptur
         same.load_state_dict(state)
         assert not caplog.records
         other.load_state_dict(state)
+        assert len(caplog.records) == 1
         other.load_state_dict(state, warn_changed_settings=False)
     assert len(caplog.records) == 1
     assert "update_freq: 50 -> 20" in caplog.records[0].getMessage()
