@@ -98,9 +98,9 @@ class SkipGuard:
         if self.max_consecutive_skips is not None and self.streak >= self.max_consecutive_skips:
             raise TrainingDivergedError(
                 f"training diverged: the gradient was non-finite at {self.streak} steps in a "
-                f"row (max_consecutive_skips={self.max_consecutive_skips}) after step {step}; "
-                f"last: {where}", reason="non-finite gradients", names=names, step=step,
-                calls=self.streak)
+                f"row (max_consecutive_skips={self.max_consecutive_skips}; {step} steps "
+                f"taken before them); last: {where}", reason="non-finite gradients",
+                names=names, step=step, calls=self.streak)
         if total & (total - 1) == 0:   # 1, 2, 4, 8, ...
             logger.warning("non-finite gradient (%s): step skipped (%d so far, %d in a row; "
                            "this warning is repeated at the %d%s skipped step)", where, total,
@@ -113,7 +113,7 @@ def non_finite_parameters_error(names: Sequence[str], *, step: int) -> TrainingD
     """The error for parameters that hold NaN or ±Inf at the start of a step."""
     return TrainingDivergedError(
         f"training diverged: parameter{'s' if len(names) > 1 else ''} {_listed(names)} "
-        f"{'are' if len(names) > 1 else 'is'} non-finite (NaN or Inf) after step {step}",
+        f"{'are' if len(names) > 1 else 'is'} non-finite (NaN or Inf) after {step} steps",
         reason="non-finite parameters", names=names, step=step, calls=1)
 
 
