@@ -29,33 +29,36 @@ import torch
 CLIP_EPS = 1e-6
 
 
-def all_finite(flat: torch.Tensor) -> bool:
+def all_finite(flat: torch.Tensor, total: float | None = None) -> bool:
     """Whether every entry is finite, without an O(n) temporary on the usual path.
 
     A NaN or ±Inf entry always makes the sum non-finite, so a finite sum proves the vector
     finite. ``torch.isfinite`` allocates ~7 bytes per element (abs, eq, ne, mul temporaries,
     measured with torch.profiler); it now runs only when the sum is non-finite, which also
-    covers a sum that overflowed on finite entries.
+    covers a sum that overflowed on finite entries. ``total``: the sum (or ‖flat‖²) when
+    already read back.
     """
-    if math.isfinite(float(flat.sum())):
+    if math.isfinite(float(flat.sum()) if total is None else total):
         return True
     return bool(torch.isfinite(flat).all())
 
 
-def gradient_row(flat: torch.Tensor, *, measure_norm: bool) -> list[float]:
+def gradient_row(flat: torch.Tensor, *, measure_norm: bool,
+                 params: torch.Tensor | None = None) -> list[float]:
     """This rank's row of the step's first allgather: ``[1.0 if a non-finite entry else 0.0]``
     and, with ``measure_norm``, ``‖flat‖²`` (whose finiteness then proves the entries finite;
-    an overflowed one is checked entry by entry)."""
-    if not measure_norm:
-        return [0.0 if all_finite(flat) else 1.0]
-    sq = float(torch.dot(flat, flat))
-    return [0.0 if math.isfinite(sq) or all_finite(flat) else 1.0, sq]
-
-
-def finite_flag(flat: torch.Tensor) -> float:
-    """``0.0`` if every entry of ``flat`` is finite, else ``1.0`` (a row entry whose sum over
-    the ranks counts the ranks that saw a non-finite one)."""
-    return 0.0 if all_finite(flat) else 1.0
+    an overflowed one is checked entry by entry); with ``params``, a last entry flagging a
+    non-finite parameter the same way. ONE read-back from the device for all of them (a
+    GPU synchronises once)."""
+    first = torch.dot(flat, flat) if measure_norm else flat.sum()
+    sums = [first] if params is None else [first, params.sum()]
+    values = torch.stack(sums).tolist()
+    row = [0.0 if all_finite(flat, values[0]) else 1.0]
+    if measure_norm:
+        row.append(values[0])
+    if params is not None:
+        row.append(0.0 if all_finite(params, values[1]) else 1.0)
+    return row
 
 
 def clip_factor(grad_sq: float, max_norm: float) -> float:

@@ -23,11 +23,9 @@ Step on every rank (DESIGN.md §1–§2)::
                                                      (flat, or node-aware: one copy per host
                                                       crosses the network; mlbfgs_hpc.comm)
 
-With one process the communicator is local and every collective is the identity. What
-``torch.optim`` users expect beyond the step lives beside it: parameters without gradient or
-frozen at step time (:mod:`mlbfgs_hpc.participation`), diverged runs
-(:mod:`mlbfgs_hpc.divergence`), copies, hooks and torch.distributed.checkpoint
-(:mod:`mlbfgs_hpc.torch_interop`).
+With one process the communicator is local and every collective is the identity. Parameters
+without gradient or frozen: :mod:`mlbfgs_hpc.participation`; diverged runs:
+:mod:`mlbfgs_hpc.divergence`; copies, hooks, torch.distributed.checkpoint: :mod:`.torch_interop`.
 """
 
 from __future__ import annotations
@@ -172,8 +170,7 @@ class MLBFGS(torch.optim.Optimizer):
         self._constructing = False
         self.comm = comm if comm is not None else LocalCommunicator()
 
-        # Every parameter given is held, frozen ones too (as torch's param groups hold them):
-        # whether one takes part is read at every step (participation).
+        # Every parameter given is held, frozen ones too: taking part is read at every step.
         group_params = [p for group in self.param_groups for p in group["params"]]
         self.blocks = list(blocks) if blocks is not None else blocks_from_parameters(group_params)
         check_blocks_cover(self.blocks, group_params)
@@ -389,8 +386,7 @@ class MLBFGS(torch.optim.Optimizer):
         return self._gate.grad_norm
 
     def _check_step(self) -> StepParticipation | None:
-        """Who takes part in the step, or ``None`` when it is skipped everywhere (a
-        non-finite gradient); :class:`~mlbfgs_hpc.step_check.StepGate`, one allgather."""
+        """Who takes part, or ``None``: skipped everywhere (:class:`.step_check.StepGate`)."""
         taking_part = self._gate.check(grad=self._grad, params=self._param,
                                        steps_taken=int(self._global["step"]),
                                        skipped_before=int(self._global["skipped_steps"]))
@@ -420,8 +416,8 @@ class MLBFGS(torch.optim.Optimizer):
                      first=first, held=taking_part.held, starting=taking_part.starting)
 
     def _form_pairs(self, *, first: bool, step: int) -> None:
-        maybe_still = {self.owned_blocks[k] for k in self._participation.lagging_blocks(step)}
-        self._pairs.form_(self._flat_state, first=first, maybe_still=maybe_still)
+        self._pairs.form_(self._flat_state, first=first, maybe_still={
+            self.owned_blocks[k] for k in self._participation.lagging_blocks(step)})
         self._batched.refresh()
 
     def _apply_outer_momentum(self, *, first: bool, taking_part: StepParticipation) -> None:
@@ -436,13 +432,9 @@ class MLBFGS(torch.optim.Optimizer):
 
     def _apply_update(self, taking_part: StepParticipation) -> None:
         """θ ← θ − update for every parameter taking part (idle ones are not touched)."""
-        if taking_part.everyone:
-            torch._foreach_sub_(self._layout_params, self._update_views)
-            return
-        moving = [i for i in range(len(self._layout_params)) if i not in taking_part.idle]
-        if moving:
-            torch._foreach_sub_([self._layout_params[i] for i in moving],
-                                [self._update_views[i] for i in moving])
+        params = taking_part.moving(self._layout_params)
+        if params:
+            torch._foreach_sub_(params, taking_part.moving(self._update_views))
 
     # ---- state, copies -----------------------------------------------------------------
     def block_state(self, block: int) -> dict[str, torch.Tensor]:
@@ -496,13 +488,9 @@ class MLBFGS(torch.optim.Optimizer):
             for key in FLAT_STATE_KEYS:
                 self._flat_state[key][sl].copy_(saved_block[key])
             self._curvature[b].load_state_tensors(saved_block)
-            # States from before parameters could sit steps out: all took part in every one.
-            counts = saved_block.get(GRAD_STEPS_KEY)
-            position = self._block_position[b]
-            if counts is None:
-                counts = torch.full((len(self.blocks[b].params),),
-                                    int(state_dict["global"]["step"]), dtype=torch.int64)
-            self._participation.load_block_grad_steps(position, counts)
+            self._participation.load_block_grad_steps(
+                self._block_position[b], saved_block.get(GRAD_STEPS_KEY),
+                steps=int(state_dict["global"]["step"]))
         self._batched.refresh()
         for key in GLOBAL_STATE_KEYS:
             self._global[key].copy_(state_dict["global"][key])
@@ -511,6 +499,5 @@ class MLBFGS(torch.optim.Optimizer):
             log_changed_settings(state_dict.get("config", {}), self.config.to_dict())
 
     def __reduce__(self) -> tuple[Any, ...]:
-        """``copy.deepcopy`` and ``pickle``: rebuilt and loaded (one process; see
-        :mod:`~mlbfgs_hpc.torch_interop`)."""
+        """``copy.deepcopy``/``pickle``: rebuilt and loaded (one process; torch_interop)."""
         return copy_reduction(self, self._constructor_kwargs)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -39,6 +40,8 @@ from .layout import ParamSpan
 
 #: Flags per float64 word of the allgather: integers below 2**53 are exact in a float64.
 BITS_PER_WORD = 52
+
+T = TypeVar("T")
 
 
 def pack_bits(flags: Sequence[bool]) -> list[float]:
@@ -104,6 +107,13 @@ class StepParticipation:
     def everyone(self) -> bool:
         """Every parameter takes part (the usual step: no masking anywhere)."""
         return not self.idle
+
+    def moving(self, per_param: list[T]) -> list[T]:
+        """The entries of ``per_param`` (one per parameter, layout order) of the parameters
+        taking part (``per_param`` itself when all do)."""
+        if not self.idle:
+            return per_param
+        return [item for i, item in enumerate(per_param) if i not in self.idle]
 
 
 #: The usual step: every parameter takes part.
@@ -191,11 +201,14 @@ class ParticipationTracker:
         return torch.tensor([c for span, c in zip(self.spans, self.grad_steps)
                              if span.block == block], dtype=torch.int64)
 
-    def load_block_grad_steps(self, block: int, counts: torch.Tensor) -> None:
+    def load_block_grad_steps(self, block: int, counts: torch.Tensor | None, *,
+                              steps: int) -> None:
         """Set the counts of owned block ``block``'s parameters (saved by
-        :meth:`block_grad_steps`)."""
+        :meth:`block_grad_steps`). ``None``: a state saved before parameters could sit
+        steps out, when every one took part in each of the ``steps`` steps."""
         members = [j for j, span in enumerate(self.spans) if span.block == block]
-        values = [int(v) for v in counts.reshape(-1).tolist()]
+        values = ([steps] * len(members) if counts is None
+                  else [int(v) for v in counts.reshape(-1).tolist()])
         if len(values) != len(members):
             raise ValueError(f"grad_steps has {len(values)} entries for a block of "
                              f"{len(members)} parameters")

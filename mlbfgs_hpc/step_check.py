@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .divergence import SkipGuard, non_finite_parameters_error
-from .flatops import clip_factor, finite_flag, gradient_row
+from .flatops import clip_factor, gradient_row
 from .participation import ParticipationTracker, StepParticipation, pack_bits
 from .stepsize import sum_in_rank_order
 
@@ -34,7 +34,7 @@ from .stepsize import sum_in_rank_order
 def check_row(*, grad: torch.Tensor, params: torch.Tensor, idle_words: list[float],
               measure_norm: bool) -> list[float]:
     """This rank's row (see the module docstring)."""
-    return [*gradient_row(grad, measure_norm=measure_norm), finite_flag(params), *idle_words]
+    return [*gradient_row(grad, measure_norm=measure_norm, params=params), *idle_words]
 
 
 @dataclass(frozen=True)
