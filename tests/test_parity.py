@@ -16,7 +16,9 @@ import io
 import logging
 import math
 import pickle
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -25,7 +27,8 @@ from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
 from torch.optim import lr_scheduler
 
 from mlbfgs_hpc import MLBFGS, TrainingDivergedError, build_blocks
-from mlbfgs_hpc.divergence import DEFAULT_MAX_CONSECUTIVE_SKIPS
+from mlbfgs_hpc.divergence import DEFAULT_MAX_CONSECUTIVE_SKIPS, DivergenceReport
+from mlbfgs_hpc.participation import common_bits, pack_bits, words_for
 from tests.optimizer_problems import F64, batches, make_mlp, train
 
 
@@ -410,3 +413,56 @@ def test_loading_a_state_with_other_settings_warns_once(caplog: pytest.LogCaptur
     assert "update_freq: 50 -> 20" in caplog.records[0].getMessage()
     assert "damping: 0.2 -> 0.1" in caplog.records[0].getMessage()
     assert other.config.update_freq == 20                   # the new value applies
+
+
+# ---- the pure pieces --------------------------------------------------------------------------
+def test_idle_flags_pack_into_words_and_and_over_ranks() -> None:
+    """130 parameters (3 words of 52 flags) on 3 ranks: idle where every rank says so."""
+    gen = torch.Generator().manual_seed(0)
+    flags = (torch.rand(3, 130, generator=gen) < 0.7).tolist()
+    rows = np.array([pack_bits(f) for f in flags])
+    assert rows.shape == (3, words_for(130)) == (3, 3)
+    expected = [i for i in range(130) if all(f[i] for f in flags)]
+    assert common_bits(rows, 130) == expected and 0 < len(expected) < 130
+    assert common_bits(np.array([pack_bits([False] * 60)]), 60) == []
+
+
+def test_unused_parameter_beyond_the_first_word_is_left_alone() -> None:
+    """60 parameter tensors: the unused layer's are the 57th and 58th (flags 56, 57: the
+    second word of the allgather)."""
+    torch.manual_seed(0)
+    layers = nn.ModuleList(nn.Linear(3, 3) for _ in range(30))
+    opt = MLBFGS(layers.parameters(), blocks=build_blocks(layers), lr=0.1, weight_decay=0.1)
+    unused = snapshot(layers[28])
+    for x, _ in data(5):
+        h = x[:, :3]
+        for i, layer in enumerate(layers):
+            if i != 28:
+                h = torch.tanh(layer(h.float()))
+        opt.zero_grad()
+        h.sum().backward()
+        opt.step()
+    assert unchanged(layers[28], unused)
+    assert [b.name for b in opt.blocks][28] == "28" and len(opt._layout_params) == 60
+    assert opt.block_state(28)["grad_steps"].tolist() == [0, 0]
+    assert opt.block_state(29)["grad_steps"].tolist() == [5, 5]
+
+
+def test_last_good_checkpoint_is_before_the_trouble_began() -> None:
+    """20 skipped steps ending at step 31: the parameters of step 11 (the first skipped
+    step's) are suspect, the checkpoint of step 10 the last good one; a non-finite
+    parameter at step 31 makes step 30's checkpoint suspect."""
+    checkpoints = [(s, Path(f"ck/step-{s:06d}")) for s in (5, 10, 11, 20, 30)]
+    skipped = TrainingDivergedError("x", reason="non-finite gradients", names=("w",), step=10,
+                                    calls=20)
+    report = DivergenceReport.of(skipped, failed_step=31, run_dir=Path("run"),
+                                 checkpoints=checkpoints)
+    assert report.last_good == (10, Path("ck/step-000010"))
+    assert "last good checkpoint: ck/step-000010 (step 10)" in report.message()
+    bad_param = TrainingDivergedError("x", reason="non-finite parameters", names=("w",),
+                                      step=30, calls=1)
+    assert DivergenceReport.of(bad_param, failed_step=31, run_dir=Path("run"),
+                               checkpoints=checkpoints).last_good[0] == 20
+    none = DivergenceReport.of(skipped, failed_step=31, run_dir=Path("run"),
+                               checkpoints=checkpoints[2:])
+    assert none.last_good is None and "no checkpoint of step 10 or earlier" in none.message()
