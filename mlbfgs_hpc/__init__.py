@@ -10,6 +10,7 @@ from __future__ import annotations
 from .blocks import ParamBlock, build_blocks, blocks_from_parameters
 from .comm import GradientReducer, LocalCommunicator, init_communicator
 from .config import MLBFGSConfig
+from .divergence import TrainingDivergedError
 from .optimizer import MLBFGS
 from .partition import Ownership, linear_partition
 from .seeding import seed_everything
@@ -17,6 +18,6 @@ from .seeding import seed_everything
 __all__ = [
     "MLBFGS", "MLBFGSConfig", "ParamBlock", "build_blocks", "blocks_from_parameters",
     "GradientReducer", "LocalCommunicator", "init_communicator", "Ownership",
-    "linear_partition", "seed_everything",
+    "linear_partition", "seed_everything", "TrainingDivergedError",
 ]
 __version__ = "0.1.0"

@@ -62,6 +62,7 @@ from dataclasses import dataclass
 import torch
 
 from .curvature import BlockCurvature
+from .layout import ParamSpan
 from .stepsize import BLOCK_SCALARS
 
 #: Chunk sizes :func:`choose_chunk` picks from (powers of two).
@@ -295,9 +296,15 @@ class BatchedCurvature:
             self._gamma[k].copy_(curv.gamma)
 
     # ---- the step -------------------------------------------------------------------------
-    def precondition_(self) -> torch.Tensor:
+    def precondition_(self, *, zero: Sequence[ParamSpan] = ()) -> torch.Tensor:
         """``d ← H·g`` for every block (into the padded direction; ``d = g`` for blocks
         without pairs) and the per-block scalars of the step.
+
+        Args:
+            zero: runs of elements (``block``: an owned block's position, ``offset`` inside
+                it) whose direction is set to zero before the scalars are measured: the
+                parameters that sit this step out, whose g is zero but whose H·g need not be
+                (their block's pairs couple them to the others).
 
         Returns:
             ``(B, 5)`` tensor on the parameters' device, columns :data:`SCALAR_COLUMNS`:
@@ -333,6 +340,8 @@ class BatchedCurvature:
                 self.blocks[k].two_loop_(self._d_views[k])
         else:
             self._d_pad.copy_(self._g_pad)
+        for span in zero:
+            self._d_views[span.block][span.offset:span.offset + span.stop - span.start].zero_()
         torch.bmm(self._gd_chunks, self._gd_chunks.transpose(1, 2), out=self._gram_chunks)
         self._segment_sum_(self._scalars[:, :4], self._gram_chunks.view(-1, 4))
         self._scalars[:, 4].copy_(self._ring_gamma)

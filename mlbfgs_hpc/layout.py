@@ -13,7 +13,11 @@ share one param group. Example, blocks 1 and 2 owned, ``a``/``b``/``c``/``d`` pa
     segments        [0, 5) g0   [5, 9) g1  [9, 10) g0
 
 Segments never merge across a change of group, so each gets one multiply with its group's
-value; a run of one group that spans a block boundary is one segment.
+value; a run of one group that spans a block boundary is one segment. Each owned parameter
+also has a :class:`ParamSpan`: its slice of the flat buffers and where it sits in its block
+(to leave a parameter without gradient alone, :mod:`mlbfgs_hpc.participation`)::
+
+    param spans     a: [0, 3) block 0 +0   b: [3, 5) block 0 +3   c: [5, 9) block 1 +0 ...
 """
 
 from __future__ import annotations
@@ -37,6 +41,18 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class ParamSpan:
+    """Where one owned parameter sits: ``[start, stop)`` of the rank's flat buffers, and
+    ``block`` (the position of its block among the rank's owned blocks) with ``offset``, its
+    first element inside that block."""
+
+    start: int
+    stop: int
+    block: int
+    offset: int
+
+
+@dataclass(frozen=True)
 class LocalLayout:
     """One rank's view of the flat parameter vector.
 
@@ -46,6 +62,9 @@ class LocalLayout:
         segments: the runs of one param group, in order (:class:`Segment`).
         params: the owned parameters in flat order.
         max_block_numel: the largest owned block (0 if none): the size of the pair scratch.
+        param_spans: each owned parameter's :class:`ParamSpan`, in flat order.
+        first_param: the layout index (over every block's parameters, in block order) of the
+            first owned parameter; the owned ones follow it contiguously.
     """
 
     owned_blocks: tuple[int, ...]
@@ -53,6 +72,8 @@ class LocalLayout:
     segments: tuple[Segment, ...]
     params: tuple[torch.Tensor, ...]
     max_block_numel: int
+    param_spans: tuple[ParamSpan, ...] = ()
+    first_param: int = 0
 
     @property
     def numel(self) -> int:
@@ -83,8 +104,9 @@ def build_local_layout(*, blocks: Sequence[ParamBlock], owned_blocks: Iterable[i
     segments: list[Segment] = []
     slices: dict[int, slice] = {}
     params: list[torch.Tensor] = []
+    spans: list[ParamSpan] = []
     cursor = 0
-    for b in owned:
+    for position, b in enumerate(owned):
         block = blocks[b]
         slices[b] = slice(cursor, cursor + block.numel)
         for name, p in zip(block.param_names, block.params, strict=True):
@@ -96,7 +118,11 @@ def build_local_layout(*, blocks: Sequence[ParamBlock], owned_blocks: Iterable[i
             else:
                 segments.append(Segment(cursor, cursor + p.numel(), gi))
             params.append(p)
+            spans.append(ParamSpan(start=cursor, stop=cursor + p.numel(), block=position,
+                                   offset=cursor - slices[b].start))
             cursor += p.numel()
+    first = sum(len(blocks[b].params) for b in range(owned[0])) if owned else 0
     return LocalLayout(owned_blocks=owned, block_slices=slices, segments=tuple(segments),
                        params=tuple(params),
-                       max_block_numel=max((blocks[b].numel for b in owned), default=0))
+                       max_block_numel=max((blocks[b].numel for b in owned), default=0),
+                       param_spans=tuple(spans), first_param=first)

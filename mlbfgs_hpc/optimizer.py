@@ -13,7 +13,9 @@ Step on every rank (DESIGN.md §1–§2)::
 
     gradients reduce-scattered to their owners    -> owned gradient/params into flat buffers
       (GradientReducer; or allreduced)
-    allgather(non-finite flag)                    -> skip the step everywhere if any rank saw one
+    allgather(non-finite flags, who has a grad)   -> skip the step everywhere if any rank saw a
+      (mlbfgs_hpc.step_check)                        non-finite gradient, stop a diverged run;
+                                                     leave parameters without gradient alone
     g = grad + wd·θ; EMA buffers; pairs at t = kT -> H·g (compact form), all owned blocks
                                                      in a fixed number of kernels
     allgather(gᵀd, #curved blocks, counters)      -> identical guard ν on every rank
@@ -21,14 +23,15 @@ Step on every rank (DESIGN.md §1–§2)::
                                                      (flat, or node-aware: one copy per host
                                                       crosses the network; mlbfgs_hpc.comm)
 
-With one process the communicator is local and every collective is the identity.
+With one process the communicator is local and every collective is the identity. Parameters
+without gradient or frozen: :mod:`mlbfgs_hpc.participation`; diverged runs:
+:mod:`mlbfgs_hpc.divergence`; copies, hooks, torch.distributed.checkpoint: :mod:`.torch_interop`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -41,16 +44,21 @@ from .comm import (GRAD_BACKENDS, GRAD_REDUCE_MODES, GradBackend, GradientReduce
 from .config import (MLBFGSConfig, check_searched_config, check_searched_group,
                      line_search_settings, mode_defaults, validate_group_hyperparameters)
 from .curvature import BlockCurvature
-from .flatops import clip_factor, gradient_row, heavy_ball_
-from .global_curvature import GlobalCurvature
+from .direction import size_direction_
+from .divergence import DEFAULT_MAX_CONSECUTIVE_SKIPS
+from .flatops import outer_momentum_, update_emas_, weight_decay_
 from .layout import build_local_layout
-from .optimizer_state import (FLAT_STATE_KEYS, GLOBAL_STATE_KEYS, check_saved_state,
-                              load_group_settings, pack_state)
+from .optimizer_state import (FLAT_STATE_KEYS, GLOBAL_STATE_KEYS, GRAD_STEPS_KEY,
+                              check_saved_state, load_group_settings, log_changed_settings,
+                              new_global_state, pack_state)
 from .pairs import PairFormer
+from .participation import ParticipationTracker, StepParticipation
 from .partition import Ownership
 from .searched import SearchedSteps
-from .stepsize import (DIAGNOSTIC_KEYS, BlockStats, StepTotals, global_graft_factor, kl_factor,
-                       sum_in_rank_order)
+from .step_check import StepGate
+from .stepsize import DIAGNOSTIC_KEYS, BlockStats, StepTotals
+from .torch_interop import (ReleasedHooks, called_by_distributed_checkpoint, copy_reduction,
+                            refuse_distributed_checkpoint)
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +69,13 @@ class MLBFGS(torch.optim.Optimizer):
     Args:
         params: parameters or param-group dicts, as for any torch optimizer. Groups may set
             their own ``lr``, ``weight_decay`` and ``momentum`` (schedulers may change them
-            between steps, e.g. ``OneCycleLR``'s momentum cycling).
+            between steps, e.g. ``OneCycleLR``'s momentum cycling). Frozen parameters may be
+            among them: as torch's rule, a parameter frozen or without ``.grad`` (on every
+            rank) at step time is left alone, and one unfrozen later trains
+            (:mod:`mlbfgs_hpc.participation`).
         blocks: the blocks of the block-diagonal Hessian, e.g. ``build_blocks(model)``; they
-            must cover exactly the optimized parameters. ``None``: one block per parameter
-            tensor.
+            must cover exactly the optimized parameters (frozen ones included). ``None``:
+            one block per parameter tensor.
         lr: learning rate (default for groups that do not set one).
         weight_decay: coupled weight decay, ``g = grad + wd·θ`` (per-group default).
         history_size: curvature pairs kept per block (m).
@@ -85,6 +96,14 @@ class MLBFGS(torch.optim.Optimizer):
             :class:`~mlbfgs_hpc.config.MLBFGSConfig`.
         double_damping: μ1 of double damping's first stage (s moved towards H·y so that
             sᵀy ≥ μ1·yᵀHy; Goldfarb et al. 2020); 0: off. Default 0.2; see the config.
+        line_search_fn: ``"strong_wolfe"``: ``step(closure)`` runs up to ``max_iter``
+            L-BFGS iterations per call, each with torch's strong-Wolfe search, on one history
+            of the whole vector whose columns stay with their owners
+            (:mod:`mlbfgs_hpc.searched`); the defaults of ``None`` arguments then serve exact
+            gradients (:data:`~mlbfgs_hpc.config.SEARCHED_DEFAULTS`: lr 1, m 100, T 1, no
+            EMAs, damping window, grafting or outer momentum). ``None``: the stochastic step.
+        max_iter, max_eval, tolerance_grad, tolerance_change: as ``torch.optim.LBFGS``'s
+            (:class:`~mlbfgs_hpc.config.LineSearchConfig`); with ``line_search_fn`` only.
         max_grad_norm: clip the averaged gradient to this global norm (all blocks, all
             ranks; before weight decay, as ``clip_grad_norm_`` before a torch step), in
             every ``grad_reduce`` mode; ``None``: off. See :attr:`last_grad_norm`.
@@ -103,8 +122,9 @@ class MLBFGS(torch.optim.Optimizer):
             than one rank. The update is bit for bit the flat path's.
         grad_overlap: Horovod reduce-scatter: send each owner's gradient slice from the
             backward hook that completes it (default) or after the backward pass.
-        param_names: names of the parameters for the Horovod collectives and checkpoints
-            (taken from ``blocks`` when they carry names).
+        max_consecutive_skips: raise :class:`~mlbfgs_hpc.divergence.TrainingDivergedError`
+            after this many steps in a row skipped for a non-finite gradient (``None``:
+            never); a non-finite parameter raises at once.
 
     Raises:
         ValueError: a hyper-parameter is out of range, blocks and params disagree, or the
@@ -143,23 +163,24 @@ class MLBFGS(torch.optim.Optimizer):
         grad_reduce: GradReduce = "allreduce",
         node_aware: bool | None = None,
         grad_overlap: bool = True,
+        max_consecutive_skips: int | None = DEFAULT_MAX_CONSECUTIVE_SKIPS,
     ) -> None:
+        # What a copy is rebuilt from (torch_interop): every argument but the tensors and comm.
+        self._constructor_kwargs = {k: v for k, v in locals().items()
+                                    if k not in ("self", "params", "blocks", "comm", "__class__")}
         self.line_search = line_search_settings(
             line_search_fn=line_search_fn, max_iter=max_iter, max_eval=max_eval,
             tolerance_grad=tolerance_grad, tolerance_change=tolerance_change)
-        given = {"lr": lr, "history_size": history_size, "update_freq": update_freq,
-                 "beta_param": beta_param, "beta_grad": beta_grad, "damping": damping,
-                 "sigma_low": sigma_low, "sigma_high": sigma_high, "clip": clip,
-                 "momentum": momentum, "double_damping": double_damping}
-        values = mode_defaults(given, searched=self.line_search is not None)
+        values = mode_defaults(
+            {"lr": lr, "history_size": history_size, "update_freq": update_freq,
+             "beta_param": beta_param, "beta_grad": beta_grad, "damping": damping,
+             "sigma_low": sigma_low, "sigma_high": sigma_high, "clip": clip,
+             "momentum": momentum, "double_damping": double_damping},
+            searched=self.line_search is not None)
         self.config = MLBFGSConfig(
-            history_size=values["history_size"], update_freq=values["update_freq"],
-            beta_param=values["beta_param"], beta_grad=values["beta_grad"],
-            damping=values["damping"], sigma_low=values["sigma_low"],
-            sigma_high=values["sigma_high"], curvature_eps=curvature_eps,
-            clip=values["clip"], kl_clip=kl_clip, nesterov=nesterov,
-            pair_momentum=pair_momentum, double_damping=values["double_damping"],
-            max_grad_norm=max_grad_norm)
+            curvature_eps=curvature_eps, kl_clip=kl_clip, nesterov=nesterov,
+            pair_momentum=pair_momentum, max_grad_norm=max_grad_norm,
+            **{k: v for k, v in values.items() if k not in ("lr", "momentum")})
         if self.line_search is not None:
             check_searched_config(self.config)
         if grad_backend is not None and grad_backend not in GRAD_BACKENDS:
@@ -174,10 +195,8 @@ class MLBFGS(torch.optim.Optimizer):
         self._constructing = False
         self.comm = comm if comm is not None else LocalCommunicator()
 
-        # Frozen parameters (requires_grad=False) may sit in the groups, as with any torch
-        # optimizer (``model.parameters()``), but are never part of a block and never move.
-        group_params = [p for group in self.param_groups for p in group["params"]
-                        if p.requires_grad]
+        # Every parameter given is held, frozen ones too: taking part is read at every step.
+        group_params = [p for group in self.param_groups for p in group["params"]]
         self.blocks = list(blocks) if blocks is not None else blocks_from_parameters(group_params)
         check_blocks_cover(self.blocks, group_params)
         self._layout_params = [p for block in self.blocks for p in block.params]
@@ -196,18 +215,10 @@ class MLBFGS(torch.optim.Optimizer):
         self.grad_backend = grad_backend
         self.grad_reduce = grad_reduce
         # Any backward pass makes new gradients: synchronize() must wait for them again, even
-        # when no step() came in between (a GradScaler that skipped an overflowed step).
-        # (A weak reference: the hooks live as long as the parameters and must not keep a
-        # discarded optimizer alive.)
-        changed = weakref.WeakMethod(self._gradients_changed)
-
-        def hook(param: torch.Tensor) -> None:
-            method = changed()
-            if method is not None:
-                method(param)
-
-        for param in self._layout_params:
-            param.register_post_accumulate_grad_hook(hook)
+        # when no step() came in between (a GradScaler that skipped an overflowed step). The
+        # hooks, and the reducer's, are removed when the optimizer is collected.
+        self._hooks = ReleasedHooks(self._gradients_changed, self._layout_params, also=(
+            None if self._reducer is None else self._reducer.remove_hooks))
         logger.debug("rank %d owns blocks %s (%d of %d parameters)", self.comm.rank,
                      self.owned_blocks, self._owned_numel, self.ownership.total_numel)
 
@@ -248,32 +259,26 @@ class MLBFGS(torch.optim.Optimizer):
         layout = build_local_layout(blocks=self.blocks, owned_blocks=self.owned_blocks,
                                     param_groups=self.param_groups)
         self._block_slices = dict(layout.block_slices)
+        self._block_position = {b: k for k, b in enumerate(self.owned_blocks)}
         self._segments = layout.segments
         self._owned_params = list(layout.params)
+        self._participation = ParticipationTracker(
+            params=self._layout_params, names=self.param_names, spans=layout.param_spans,
+            first_param=layout.first_param)
+        self._gate = StepGate(comm=self.comm, participation=self._participation,
+                              max_grad_norm=self.config.max_grad_norm,
+                              max_consecutive_skips=self._constructor_kwargs[
+                                  "max_consecutive_skips"])
         sizes = layout.param_sizes
         self._grad_views = list(self._grad.split(sizes))
         self._param_views = list(self._param.split(sizes))
         self._diagnostics = dict.fromkeys(DIAGNOSTIC_KEYS, math.nan)
         self._synchronized = False   # synchronize() called since the last backward pass
-        self._grad_norm = math.nan
-        self._global = {
-            "step": torch.zeros((), dtype=torch.int64),
-            "skipped_steps": torch.zeros((), dtype=torch.int64),
-            "sgd_fallbacks": torch.zeros((), dtype=torch.int64),
-            "accepted_pairs": torch.zeros((), dtype=torch.int64),
-            "rejected_pairs": torch.zeros((), dtype=torch.int64),
-            "last_nu": torch.ones((), dtype=torch.float64),
-            "last_gamma": torch.full((), math.nan, dtype=torch.float64),
-        }
+        self._global = new_global_state()
         self._searched: SearchedSteps | None = None
-        if self.line_search is None:
-            self._build_block_curvature(layout.max_block_numel)
-        else:
-            self._build_searched()
-
-    def _build_block_curvature(self, max_block_numel: int) -> None:
-        """The stochastic mode's curvature: one history per owned block, applied batched."""
-        n = self._owned_numel
+        if self.line_search is not None:   # one history of the whole vector, searched steps
+            self._searched = SearchedSteps.for_optimizer(self)
+            return
         # One history for all owned blocks; each block's ring is a BlockCurvature over its
         # columns (pairs, W, checkpoints), H·g runs batched over all of them.
         self._batched = BatchedCurvature(
@@ -286,25 +291,8 @@ class MLBFGS(torch.optim.Optimizer):
                                                               self._batched.blocks))
         self._pairs = PairFormer(block_slices=self._block_slices, curvature=self._curvature,
                                  config=self.config, numel=n,
-                                 max_block_numel=max_block_numel, dtype=self._dtype,
+                                 max_block_numel=layout.max_block_numel, dtype=self._dtype,
                                  device=self._device)
-
-    def _build_searched(self) -> None:
-        """The line-searched mode: one history over the whole vector (owned columns here)."""
-        cfg = self.config
-        assert self.line_search is not None
-        curvature = GlobalCurvature(
-            numel=self._owned_numel, history_size=cfg.history_size, dtype=self._dtype,
-            device=self._device, curvature_eps=cfg.curvature_eps, damping=cfg.damping,
-            sigma_low=cfg.sigma_low, sigma_high=cfg.sigma_high)
-        self._searched = SearchedSteps(
-            comm=self.comm, params=self._layout_params, ownership=self.ownership,
-            node_aware=self.node_aware,
-            curvature=curvature, config=cfg, settings=self.line_search,
-            gather_grad=self._gather_owned_grad, read_params=self._read_owned_params,
-            grad=self._grad, param=self._param, flat_state=self._flat_state,
-            counters=self._global, direction=self._update,
-            owned_direction=self._owned_update, direction_views=self._update_views)
 
     # ---- public read-outs --------------------------------------------------------------
     @property
@@ -351,12 +339,14 @@ class MLBFGS(torch.optim.Optimizer):
     # ---- the step -------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        """One optimizer step. With ``line_search_fn``: ``closure`` is required (it zeroes the
-        gradients, returns this rank's loss on its own shard and back-propagates it), and the
-        step is up to ``max_iter`` searched iterations; the return value is the loss at the
-        starting point, averaged over the ranks (:mod:`mlbfgs_hpc.searched`)."""
+        """One optimizer step. With ``line_search_fn``, ``closure`` is required (it zeroes the
+        gradients, returns this rank's loss on its own shard and back-propagates it) and the
+        step is up to ``max_iter`` searched iterations returning the starting loss averaged
+        over the ranks (:mod:`mlbfgs_hpc.searched`)."""
+        if not any(g["lr"] for g in self.param_groups) and called_by_distributed_checkpoint():
+            return None   # DCP's "initialising" step at lr 0 (torch_interop): change nothing
         if self._searched is not None:
-            return self._searched_step(closure)
+            return self._searched.step(closure, self.param_groups)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -365,27 +355,26 @@ class MLBFGS(torch.optim.Optimizer):
 
         # Every decision below uses values gathered from all ranks and reduced in rank order,
         # so all ranks branch identically and nobody is left waiting in a collective.
-        if not self._check_and_clip_gradient():
-            self._global["skipped_steps"] += 1
-            logger.warning("non-finite gradient: step skipped (%d so far)",
-                           int(self._global["skipped_steps"]))
+        taking_part = self._check_step()
+        if taking_part is None:   # a non-finite gradient somewhere: skipped everywhere
             return loss
 
         self._global["step"] += 1
         t = int(self._global["step"])
         cfg = self.config
-        self._apply_weight_decay()
-        self._update_momentum_buffers(first=(t == 1))
+        self._apply_weight_decay(taking_part)
+        self._update_momentum_buffers(first=(t == 1), taking_part=taking_part)
+        self._participation.commit(taking_part)
         if t % cfg.update_freq == 0:
             if t >= 2 * cfg.update_freq:
-                self._form_pairs(first=(t == 2 * cfg.update_freq))
+                self._form_pairs(first=(t == 2 * cfg.update_freq), step=t)
             self._flat_state["snap_param"].copy_(self._flat_state["m_param"])
             self._flat_state["snap_grad"].copy_(self._flat_state["m_grad"])
 
         # H·g for every owned block at once, and per block gᵀd, γ, gᵀg, dᵀd, read back by
         # ONE transfer (on a GPU a float() per block would be a synchronisation each).
         batched = self._batched
-        rows = scalar_rows(batched.precondition_().tolist())
+        rows = scalar_rows(batched.precondition_(zero=taking_part.held).tolist())
         curved_slots = batched.curved
         block_stats = BlockStats.from_rows(rows, curved_slots)
         counts = batched.ring_totals   # summed over the blocks when their rings changed
@@ -398,55 +387,19 @@ class MLBFGS(torch.optim.Optimizer):
         if totals.curved:
             self._global["last_gamma"].fill_(totals.gamma_sum / totals.curved)
 
-        nu = 1.0
-        applied_sq = totals.d_sq_sum   # ‖direction‖² as applied, for the step-scale diagnostic
-        # The guard acts only once curvature is in use (DESIGN.md §1.7).
-        if totals.curved and (not math.isfinite(totals.g_dot_d) or totals.g_dot_d <= 0.0):
-            self._direction.copy_(self._grad)
+        # The guard acts only once curvature is in use (DESIGN.md §1.7); then the SGD
+        # fall-back, grafting or the KL factor size what is applied (mlbfgs_hpc.direction).
+        sized = size_direction_(batched=batched, totals=totals, block_stats=block_stats,
+                                config=cfg, direction=self._direction, grad=self._grad)
+        if sized.fell_back:
             self._global["sgd_fallbacks"] += 1
-            applied_sq = totals.g_sq_sum
-        else:
-            if totals.curved and cfg.clip == "graft":
-                # Per-block grafting: each curved block's H·g rescaled to the norm of its g
-                # (Agarwal et al. 2020); local to the owner, one multiply for all blocks.
-                batched.graft_(block_stats.graft_scales)
-                applied_sq = totals.g_sq_sum
-            elif totals.curved and cfg.clip == "graft-global":
-                # One factor for every block on every rank (from the rank-order totals, so
-                # identical everywhere): ‖d‖ = ‖g‖ overall, the blocks keep H's relative
-                # lengths. Blocks without pairs (d = g) are scaled with the rest.
-                scale = global_graft_factor(g_sq=totals.g_sq_sum, d_sq=totals.d_sq_sum)
-                batched.graft_(dict.fromkeys(range(len(batched.blocks)), scale))
-                applied_sq = totals.g_sq_sum
-            batched.write_direction_()
-            if totals.curved and cfg.clip == "kl":
-                nu = kl_factor(totals.g_dot_d, kl_clip=cfg.kl_clip)
-                if nu < 1.0:
-                    self._direction.mul_(nu)
-                applied_sq = nu * nu * totals.d_sq_sum
-        self._global["last_nu"].fill_(nu)
-        self._diagnostics = totals.diagnostics(applied_sq=applied_sq)
+        self._global["last_nu"].fill_(sized.nu)
+        self._diagnostics = totals.diagnostics(applied_sq=sized.applied_sq)
 
-        self._apply_outer_momentum(first=(t == 1))
+        self._apply_outer_momentum(first=(t == 1), taking_part=taking_part)
         self.comm.allgatherv_(self._update, self.ownership.counts, self.ownership.offsets,
                               node_aware=self.node_aware)
-        torch._foreach_sub_(self._layout_params, self._update_views)
-        return loss
-
-    def _searched_step(self, closure: Callable[[], torch.Tensor] | None) -> torch.Tensor:
-        if closure is None:
-            raise ValueError("MLBFGS with line_search_fn needs step(closure): the search "
-                             "evaluates the loss at several points (as torch.optim.LBFGS)")
-        assert self._searched is not None
-        lrs = {group["lr"] for group in self.param_groups}
-        if len(lrs) != 1:
-            raise ValueError(f"with line_search_fn every param group must have the same lr "
-                             f"(the first trial step of one search), got {sorted(lrs)}")
-        loss, finite = self._searched.step(closure, lr=lrs.pop())
-        if not finite:
-            self._global["skipped_steps"] += 1
-            logger.warning("non-finite loss or gradient: step skipped (%d so far)",
-                           int(self._global["skipped_steps"]))
+        self._apply_update(taking_part)
         return loss
 
     def synchronize(self) -> None:
@@ -458,8 +411,14 @@ class MLBFGS(torch.optim.Optimizer):
         average on every rank (e.g. for ``torch.nn.utils.clip_grad_norm_``). With
         ``"reducescatter"`` ``.grad`` is not averaged; clip with ``max_grad_norm`` instead.
         """
-        if self._reducer is not None and not self._synchronized:
-            self._reducer.synchronize()
+        if self._hooks.attach():   # unfrozen since: their gradients came without a hook
+            self._synchronized = False
+        if not self._synchronized:
+            self._participation.check_dense()
+            if self._reducer is not None:
+                if self.comm.size > 1:   # the averaging turns a missing .grad into zeros
+                    self._participation.before_averaging()
+                self._reducer.synchronize()
         self._synchronized = True
 
     def _gradients_changed(self, _param: torch.Tensor) -> None:
@@ -469,30 +428,24 @@ class MLBFGS(torch.optim.Optimizer):
     def last_grad_norm(self) -> float:
         """Global norm of the averaged gradient before clipping, at the last step whose
         gradient was finite (``max_grad_norm`` set; NaN otherwise or before the first)."""
-        return self._grad_norm
+        return self._gate.grad_norm
 
-    def _check_and_clip_gradient(self) -> bool:
-        """Whether every rank's gradient is finite (else the step is skipped everywhere);
-        with ``max_grad_norm``, the gradient is then clipped to it by one factor from the
-        global norm. Both from ONE allgather of :func:`~mlbfgs_hpc.flatops.gradient_row`."""
-        max_norm = self.config.max_grad_norm
-        row = gradient_row(self._grad, measure_norm=max_norm is not None)
-        totals = sum_in_rank_order(self.comm.allgather_scalars(row))
-        if totals[0] > 0:
-            return False
-        if max_norm is not None:
-            self._grad_norm = math.sqrt(totals[1])
-            factor = clip_factor(totals[1], max_norm)
-            if factor < 1.0:
-                self._grad.mul_(factor)
-        return True
+    def _check_step(self) -> StepParticipation | None:
+        """Who takes part, or ``None``: skipped everywhere (:class:`.step_check.StepGate`)."""
+        taking_part = self._gate.check(grad=self._grad, params=self._param,
+                                       steps_taken=int(self._global["step"]),
+                                       skipped_before=int(self._global["skipped_steps"]))
+        if taking_part is None:
+            self._global["skipped_steps"] += 1
+        return taking_part
 
     def _gather_owned(self) -> None:
         self._gather_owned_grad()
         self._read_owned_params()
 
     def _gather_owned_grad(self) -> None:
-        """Wait for the averaged gradients; the owned ones into the flat ``_grad``."""
+        """Wait for the averaged gradients (:meth:`synchronize`); the owned ones into the
+        flat ``_grad`` (zeros where ``.grad`` is None)."""
         self.synchronize()
         owned = None if self._reducer is None else self._reducer.owned_grad
         if owned is not None:  # reduce-scatter: the averaged owned slice, already flat
@@ -507,52 +460,46 @@ class MLBFGS(torch.optim.Optimizer):
         if self._owned_params:
             torch._foreach_copy_(self._param_views, [p.reshape(-1) for p in self._owned_params])
 
-    def _apply_weight_decay(self) -> None:
-        for seg in self._segments:
-            wd = self.param_groups[seg.group]["weight_decay"]
-            if wd:
-                self._grad[seg.start:seg.stop].add_(self._param[seg.start:seg.stop], alpha=wd)
+    def _apply_weight_decay(self, taking_part: StepParticipation) -> None:
+        weight_decay_(self._grad, self._param, self._segments,
+                      [group["weight_decay"] for group in self.param_groups],
+                      held=taking_part.held)
 
-    def _update_momentum_buffers(self, *, first: bool) -> None:
-        m_param, m_grad = self._flat_state["m_param"], self._flat_state["m_grad"]
-        if first:  # normalised EMAs start at the first value (no bias correction)
-            m_param.copy_(self._param)
-            m_grad.copy_(self._grad)
-        else:
-            m_param.lerp_(self._param, 1.0 - self.config.beta_param)
-            m_grad.lerp_(self._grad, 1.0 - self.config.beta_grad)
+    def _update_momentum_buffers(self, *, first: bool, taking_part: StepParticipation) -> None:
+        update_emas_(self._flat_state, param=self._param, grad=self._grad,
+                     beta_param=self.config.beta_param, beta_grad=self.config.beta_grad,
+                     first=first, held=taking_part.held, starting=taking_part.starting)
 
-    def _form_pairs(self, *, first: bool) -> None:
-        self._pairs.form_(self._flat_state, first=first)
+    def _form_pairs(self, *, first: bool, step: int) -> None:
+        self._pairs.form_(self._flat_state, first=first, maybe_still={
+            self.owned_blocks[k] for k in self._participation.lagging_blocks(step)})
         self._batched.refresh()
 
-    def _apply_outer_momentum(self, *, first: bool) -> None:
-        """Heavy-ball momentum (:func:`~mlbfgs_hpc.flatops.heavy_ball_`) and the update
-        ``lr·step vector``, with each param group's μ and lr as they are at this step, so a
-        scheduler may change both."""
-        buf, nesterov = self._flat_state["momentum_buffer"], self.config.nesterov
-        momenta = [group["momentum"] for group in self.param_groups]
-        if len(set(momenta)) == 1:   # the usual case: one μ, whole-slice ops
-            whole = heavy_ball_(buf, self._direction, momenta[0], nesterov=nesterov, first=first)
-            parts = [(seg, whole[seg.start:seg.stop]) for seg in self._segments]
-        else:
-            parts = [(seg, heavy_ball_(buf[seg.start:seg.stop],
-                                       self._direction[seg.start:seg.stop], momenta[seg.group],
-                                       nesterov=nesterov, first=first))
-                     for seg in self._segments]
-        for seg, step_vector in parts:
-            lr = self.param_groups[seg.group]["lr"]
-            torch.mul(step_vector, lr, out=self._owned_update[seg.start:seg.stop])
+    def _apply_outer_momentum(self, *, first: bool, taking_part: StepParticipation) -> None:
+        """Heavy-ball momentum and the update ``lr·step vector``, with each param group's μ
+        and lr as they are at this step, so a scheduler may change both
+        (:func:`~mlbfgs_hpc.flatops.outer_momentum_`)."""
+        outer_momentum_(self._flat_state["momentum_buffer"], self._direction,
+                        self._owned_update, self._segments,
+                        momenta=[group["momentum"] for group in self.param_groups],
+                        lrs=[group["lr"] for group in self.param_groups],
+                        nesterov=self.config.nesterov, first=first, held=taking_part.held)
 
-    # ---- state -------------------------------------------------------------------------
+    def _apply_update(self, taking_part: StepParticipation) -> None:
+        """θ ← θ − update for every parameter taking part (idle ones are not touched)."""
+        params = taking_part.moving(self._layout_params)
+        if params:
+            torch._foreach_sub_(params, taking_part.moving(self._update_views))
+
+    # ---- state, copies -----------------------------------------------------------------
     def block_state(self, block: int) -> dict[str, torch.Tensor]:
-        """Views of one owned block's state tensors (flat buffers sliced, curvature ring)."""
+        """One owned block's state tensors: views of the flat buffers' slices and the
+        curvature ring, and the steps each of its parameters took part in (a copy)."""
         sl = self._block_slices[block]
         state = {key: buf[sl] for key, buf in self._flat_state.items()}
-        if self._searched is not None:
-            state.update(self._searched.curvature.block_state(sl))
-        else:
-            state.update(self._curvature[block].state_tensors())
+        state.update(self._curvature[block].state_tensors() if self._searched is None else
+                     self._searched.curvature.block_state(sl))
+        state[GRAD_STEPS_KEY] = self._participation.block_grad_steps(self._block_position[block])
         return state
 
     def state_dict(self, *, include_blocks: bool = True) -> dict[str, Any]:
@@ -564,29 +511,39 @@ class MLBFGS(torch.optim.Optimizer):
         Args:
             include_blocks: ``False`` leaves ``state`` empty (no copy of the per-block
                 buffers); the checkpoint writer takes those from :meth:`block_state` instead.
+
+        Raises:
+            NotImplementedError: called by torch.distributed.checkpoint (see
+                :mod:`~mlbfgs_hpc.torch_interop`).
         """
+        refuse_distributed_checkpoint()
         state = pack_state(
             block_states=((b, self.block_state(b))
                           for b in (self.owned_blocks if include_blocks else ())),
             global_state=self._global, param_groups=self.param_groups,
             config=self.config.to_dict(), blocks=self.blocks)
-        if self._searched is not None:
+        if self._searched is not None:   # the whole-vector history's scalars and Gram
             assert self.line_search is not None
             state["config"]["line_search"] = self.line_search.to_dict()
             state["line_search"] = {k: v.clone()
                                     for k, v in self._searched.state_tensors().items()}
         return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any], *,
+                        warn_changed_settings: bool = True) -> None:
         """Load state saved on any number of ranks: this rank takes the blocks it owns.
+
+        Settings of the state that differ from this optimizer's (``update_freq``, ...) keep
+        this optimizer's value; ``warn_changed_settings`` logs them (rank 0).
 
         Raises:
             ValueError: the block table differs from this optimizer's, or a block this rank
                 owns is missing from ``state_dict``.
+            NotImplementedError: called by torch.distributed.checkpoint.
         """
+        refuse_distributed_checkpoint()
         check_saved_state(state_dict, blocks=self.blocks, owned_blocks=self.owned_blocks,
-                          n_groups=len(self.param_groups),
-                          searched=self._searched is not None)
+                          n_groups=len(self.param_groups), searched=self._searched is not None)
         for b in self.owned_blocks:
             saved_block = state_dict["state"][b]
             sl = self._block_slices[b]
@@ -594,6 +551,9 @@ class MLBFGS(torch.optim.Optimizer):
                 self._flat_state[key][sl].copy_(saved_block[key])
             if self._searched is None:
                 self._curvature[b].load_state_tensors(saved_block)
+            self._participation.load_block_grad_steps(
+                self._block_position[b], saved_block.get(GRAD_STEPS_KEY),
+                steps=int(state_dict["global"]["step"]))
         if self._searched is not None:
             self._searched.load(state_dict["line_search"], [
                 (self._block_slices[b], state_dict["state"][b]) for b in self.owned_blocks])
@@ -602,4 +562,9 @@ class MLBFGS(torch.optim.Optimizer):
         for key in GLOBAL_STATE_KEYS:
             self._global[key].copy_(state_dict["global"][key])
         load_group_settings(self.param_groups, state_dict["param_groups"])
+        if warn_changed_settings and self.comm.rank == 0:
+            log_changed_settings(state_dict.get("config", {}), self.config.to_dict())
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """``copy.deepcopy``/``pickle``: rebuilt and loaded (one process; torch_interop)."""
+        return copy_reduction(self, self._constructor_kwargs)

@@ -1,19 +1,27 @@
 """The optimizer's state-dict format: which tensors it holds, and the checks a load makes.
 
-``MLBFGS.state_dict()`` is fixed-shape tensors per owned block (the flat buffers' slices and
-the curvature ring) plus run-wide counters, so a state saved on p ranks loads on any other
-number: each rank takes the blocks it owns, after :func:`check_saved_state` has confirmed
-that the saved block table is this model's.
+``MLBFGS.state_dict()`` is fixed-shape tensors per owned block (the flat buffers' slices,
+the curvature ring and how many steps each of the block's parameters took part in) plus
+run-wide counters, so a state saved on p ranks loads on any other number: each rank takes
+the blocks it owns, after :func:`check_saved_state` has confirmed that the saved block table
+is this model's (names compared canonically, :mod:`mlbfgs_hpc.naming`: a state saved from a
+``torch.compile``d model loads into the plain one). Settings that differ from the saved
+ones keep the new value, and :func:`log_changed_settings` says so.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from .blocks import ParamBlock
+from .naming import canonical_name
+
+logger = logging.getLogger("mlbfgs_hpc.optimizer")
 
 #: Flat per-rank buffers whose per-block slices are part of the checkpointed block state.
 FLAT_STATE_KEYS: tuple[str, ...] = (
@@ -22,7 +30,23 @@ FLAT_STATE_KEYS: tuple[str, ...] = (
 GLOBAL_STATE_KEYS: tuple[str, ...] = (
     "step", "skipped_steps", "sgd_fallbacks", "accepted_pairs", "rejected_pairs",
     "last_nu", "last_gamma")
+#: Per block: the steps each of its parameters took part in (int64, one per parameter; a
+#: state saved before it existed loads as "every step").
+GRAD_STEPS_KEY = "grad_steps"
 STATE_FORMAT_VERSION = 1
+
+
+def new_global_state() -> dict[str, torch.Tensor]:
+    """The run-wide counters (:data:`GLOBAL_STATE_KEYS`) of a fresh optimizer."""
+    return {
+        "step": torch.zeros((), dtype=torch.int64),
+        "skipped_steps": torch.zeros((), dtype=torch.int64),
+        "sgd_fallbacks": torch.zeros((), dtype=torch.int64),
+        "accepted_pairs": torch.zeros((), dtype=torch.int64),
+        "rejected_pairs": torch.zeros((), dtype=torch.int64),
+        "last_nu": torch.ones((), dtype=torch.float64),
+        "last_gamma": torch.full((), math.nan, dtype=torch.float64),
+    }
 
 
 def param_group_table(param_groups: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -43,9 +67,10 @@ def check_saved_state(state_dict: dict[str, Any], *, blocks: Sequence[ParamBlock
         raise ValueError(f"unsupported optimizer state format_version "
                          f"{state_dict.get('format_version')!r}, "
                          f"expected {STATE_FORMAT_VERSION}")
-    saved = [(b["name"], tuple(b["param_names"]), int(b["numel"]))
-             for b in state_dict["blocks"]]
-    mine = [(b.name, b.param_names, b.numel) for b in blocks]
+    saved = [(canonical_name(b["name"]), tuple(map(canonical_name, b["param_names"])),
+              int(b["numel"])) for b in state_dict["blocks"]]
+    mine = [(canonical_name(b.name), tuple(map(canonical_name, b.param_names)), b.numel)
+            for b in blocks]
     if saved != mine:
         diff = [f"block {i}: saved {s} vs model {m}" for i, (s, m) in
                 enumerate(zip(saved, mine)) if s != m]
@@ -90,3 +115,18 @@ def load_group_settings(param_groups: Sequence[dict[str, Any]],
         for key, value in saved_group.items():
             if key != "params":
                 group[key] = value
+
+
+def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """``key: saved -> current`` for each setting of the saved config that differs."""
+    return [f"{key}: {saved[key]!r} -> {value!r}" for key, value in current.items()
+            if key in saved and saved[key] != value]
+
+
+def log_changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    """Log, once, the settings a loaded state was saved with that this optimizer does not
+    share: the state continues, the optimizer's own values apply."""
+    changes = changed_settings(saved, current)
+    if changes:
+        logger.warning("the loaded optimizer state was saved with other settings; this "
+                       "optimizer's values apply: %s", ", ".join(changes))

@@ -7,13 +7,16 @@ For owned block k (its slice ``sl`` of the rank's flat buffers)::
     BlockCurvature.offer_pair(s, y)  →  damping, acceptance, the ring   (mlbfgs_hpc.curvature)
 
 The pair is formed in scratch buffers as large as the largest block, so a rejected pair never
-touches the ring. The smoothed pairs are not part of the checkpointed state (the option is
+touches the ring. A block none of whose parameters had a gradient since its last snapshot has
+``s = y = 0`` exactly (its EMAs were held, :mod:`mlbfgs_hpc.participation`): it offers no
+pair (nothing was measured; offered, it would count as rejected). Only the blocks the caller
+names as possibly idle are tested, so the usual pair step costs nothing more. The smoothed pairs are not part of the checkpointed state (the option is
 off by default; a run that turns it on restarts the smoothing on resume).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 
@@ -45,15 +48,20 @@ class PairFormer:
         self._y = torch.zeros(max_block_numel, **kw)
         self._h = torch.zeros(max_block_numel if config.double_damping else 0, **kw)
 
-    def form_(self, state: Mapping[str, torch.Tensor], *, first: bool) -> None:
+    def form_(self, state: Mapping[str, torch.Tensor], *, first: bool,
+              maybe_still: Collection[int] = ()) -> None:
         """Offer every owned block its pair from the flat ``state`` (``m_param``, ``m_grad``
-        and their snapshots); ``first``: the run's first pair (starts the smoothing)."""
+        and their snapshots); ``first``: the run's first pair (starts the smoothing);
+        ``maybe_still``: blocks that may not have moved (skipped if ``s = y = 0``)."""
         p = self.config.pair_momentum
         for b, sl in self.block_slices.items():
             n = sl.stop - sl.start
             s, y = self._s[:n], self._y[:n]
             torch.sub(state["m_param"][sl], state["snap_param"][sl], out=s)
             torch.sub(state["m_grad"][sl], state["snap_grad"][sl], out=y)
+            if b in maybe_still and not (bool(torch.count_nonzero(s))
+                                         or bool(torch.count_nonzero(y))):
+                continue
             if p:
                 smooth_s, smooth_y = self._smooth_s[sl], self._smooth_y[sl]
                 if first:

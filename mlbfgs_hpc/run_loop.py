@@ -31,12 +31,13 @@ import torch
 
 from . import checkpoint as ckpt
 from . import runconfig
-from .cli import UsageError
+from .cli import UsageError, print_usage_error
 from .comm import GradientReducer, LocalCommunicator
 from .device import resolve_device
+from .divergence import DivergenceReport, TrainingDivergedError
 from .optimizer import MLBFGS
 from .options import NODE_AWARE_CHOICES, lbfgs_search_settings
-from .signals import EXIT_OK, EXIT_REQUEUE, StopRequest, process_age_seconds
+from .signals import EXIT_DIVERGED, EXIT_OK, EXIT_REQUEUE, StopRequest, process_age_seconds
 
 logger = logging.getLogger("mlbfgs_hpc.train")
 
@@ -207,8 +208,10 @@ class TrainingRun:
                 _saved_step(path) if self.comm.rank == 0 else None)
             if saved_step is not None and saved_step >= self.args.switch_at:
                 self._switch()
+        # The changed settings are reported below, one line per flag (runconfig).
         loaded = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer,
-                                      comm=self.comm, scheduler=self.scheduler)
+                                      comm=self.comm, scheduler=self.scheduler,
+                                      warn_changed_settings=False)
         self.step = int(loaded.step)
         self.elapsed_before = float(loaded.extra.get("elapsed_seconds", 0.0))
         self._restore_extra(loaded.extra)
@@ -233,7 +236,12 @@ class TrainingRun:
         window: list[float] | None = None   # metric sums since the last log line
         self.model.train()
         while self.step < self.total_steps:
-            sums = self._train_step()
+            try:
+                sums = self._train_step()
+            except TrainingDivergedError as exc:   # raised on every rank at this step
+                if bar is not None:
+                    bar.close()
+                return self._diverged(exc, metrics)
             self.step += 1
             if self.scheduler is not None:
                 self.scheduler.step()
@@ -338,6 +346,17 @@ class TrainingRun:
                    "elapsed_seconds": self._elapsed(), "final": final, "phase": self.phase})
         self._checkpointed_step = self.step
         logger.info("checkpoint %s written in %.2f s", path, time.monotonic() - start)
+
+    def _diverged(self, exc: TrainingDivergedError, metrics: Any) -> int:
+        """One line naming the last good checkpoint (rank 0), and :data:`EXIT_DIVERGED`."""
+        if self.comm.rank == 0:
+            report = DivergenceReport.of(exc, failed_step=self.step + 1, run_dir=self.run_dir,
+                                         checkpoints=[(i.step, i.path) for i in
+                                                      ckpt.list_checkpoints(self.run_dir)
+                                                      if i.valid])
+            self._write_metric(metrics, report.record())
+            print_usage_error("mlbfgs-train", report.message(), rank=0)
+        return EXIT_DIVERGED
 
     def _elapsed(self) -> float:
         return self.elapsed_before + time.monotonic() - self.start_time

@@ -38,8 +38,10 @@ import torch
 
 from .comm import LocalCommunicator
 from .config import LineSearchConfig, MLBFGSConfig
+from .flatops import update_emas_, zero_spans_
 from .global_curvature import GlobalCurvature
 from .linesearch import LinePoint, WolfeSettings, strong_wolfe_search
+from .participation import EVERYONE, StepParticipation
 from .partition import Ownership
 from .stepsize import sum_in_rank_order
 
@@ -63,6 +65,10 @@ class SearchedSteps:
         gather_grad: after a closure: waits for the averaged gradients and copies the owned
             gradient into ``grad``.
         read_params: copies the owned parameters into ``param``.
+        check_step: the optimizer's step check after the first closure (a non-finite
+            parameter, who takes part, a non-finite gradient: ``None``, the step is skipped;
+            it counts the skip and raises on a diverged run).
+        commit: records that the parameters of a decision took part in an iteration.
         grad: the owned flat gradient (written by ``gather_grad``).
         param: the owned flat parameters (written by ``read_params``).
         flat_state: the owned EMA buffers ``m_param``, ``m_grad``, ``snap_param``,
@@ -77,6 +83,8 @@ class SearchedSteps:
                  ownership: Ownership, node_aware: bool, curvature: GlobalCurvature,
                  config: MLBFGSConfig, settings: LineSearchConfig,
                  gather_grad: Callable[[], None], read_params: Callable[[], None],
+                 check_step: Callable[[], StepParticipation | None],
+                 commit: Callable[[StepParticipation], None],
                  grad: torch.Tensor, param: torch.Tensor,
                  flat_state: Mapping[str, torch.Tensor], counters: Mapping[str, torch.Tensor],
                  direction: torch.Tensor, owned_direction: torch.Tensor,
@@ -86,6 +94,7 @@ class SearchedSteps:
         self.config, self.settings = config, settings
         self.wolfe = WolfeSettings(tolerance_change=settings.tolerance_change)
         self._gather_grad, self._read_params = gather_grad, read_params
+        self._check_step, self._commit = check_step, commit
         self.grad, self.param = grad, param
         self.flat_state, self.counters = flat_state, counters
         self.direction, self.owned_direction = direction, owned_direction
@@ -97,10 +106,29 @@ class SearchedSteps:
             self._start.split([p.numel() for p in self.params]), self.params)]
         self._g = torch.zeros_like(grad)        # gradient at the current iterate
         self._g_kept = torch.zeros_like(grad)   # gradient of the search's best trial
+        self._taking_part = EVERYONE            # this step's decision
         self.func_evals = torch.zeros((), dtype=torch.int64)
         self.last_step_length = torch.full((), math.nan, dtype=torch.float64)
         #: Closure evaluations of the last step() (a diagnostic).
         self.last_step_evals = 0
+
+    @classmethod
+    def for_optimizer(cls, optimizer: Any) -> SearchedSteps:
+        """The searched steps of an :class:`~mlbfgs_hpc.MLBFGS` built with
+        ``line_search_fn``, on its flat buffers, counters and step check (the optimizer's
+        own collaborator: it reads the optimizer's private layout)."""
+        o, cfg = optimizer, optimizer.config
+        curvature = GlobalCurvature(
+            numel=o._owned_numel, history_size=cfg.history_size, dtype=o._dtype,
+            device=o._device, curvature_eps=cfg.curvature_eps, damping=cfg.damping,
+            sigma_low=cfg.sigma_low, sigma_high=cfg.sigma_high)
+        return cls(comm=o.comm, params=o._layout_params, ownership=o.ownership,
+                   node_aware=o.node_aware, curvature=curvature, config=cfg,
+                   settings=o.line_search, gather_grad=o._gather_owned_grad,
+                   read_params=o._read_owned_params, check_step=o._check_step,
+                   commit=o._participation.commit, grad=o._grad, param=o._param,
+                   flat_state=o._flat_state, counters=o._global, direction=o._update,
+                   owned_direction=o._owned_update, direction_views=o._update_views)
 
     # ---- state ----------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -140,36 +168,51 @@ class SearchedSteps:
             torch._foreach_add_(self.params, self.direction_views, alpha=t)
 
     # ---- the step -------------------------------------------------------------------------
-    def step(self, closure: Callable[[], torch.Tensor], *, lr: float
-             ) -> tuple[torch.Tensor, bool]:
+    def step(self, closure: Callable[[], torch.Tensor] | None,
+             param_groups: Sequence[Mapping[str, Any]]) -> torch.Tensor | None:
         """One ``step()``: up to ``max_iter`` searched L-BFGS iterations.
 
         Returns:
             The global loss at the starting point (as ``torch.optim.LBFGS`` returns the
-            closure's first value), and ``False`` when the step was skipped because the loss
-            or the gradient was not finite there (parameters untouched).
+            closure's first value). A step whose loss or gradient is not finite there is
+            skipped (parameters untouched; see ``check_step``).
+
+        Raises:
+            ValueError: no closure, or param groups with different lrs.
         """
+        if closure is None:
+            raise ValueError("MLBFGS with line_search_fn needs step(closure): the search "
+                             "evaluates the loss at several points (as torch.optim.LBFGS)")
+        lrs = {group["lr"] for group in param_groups}
+        if len(lrs) != 1:
+            raise ValueError(f"with line_search_fn every param group must have the same lr "
+                             f"(the first trial step of one search), got {sorted(lrs)}")
+        lr = lrs.pop()
         s = self.settings
         evals_before = int(self.func_evals)
         grad = self.grad
 
-        def start_row() -> list[float]:
-            return [float(grad.abs().max()) if grad.numel() else 0.0,
-                    float(grad.abs().sum())]
-
-        loss, rows = self._evaluate(closure, start_row)
-        g_max = max(float(row[1]) for row in rows)
-        g_l1 = sum_in_rank_order(rows)[2]
-        self.last_step_evals = 1
+        loss, _ = self._evaluate(closure, list)
+        self._read_params()
         first_loss = torch.tensor(loss, dtype=torch.float64)
-        if not (math.isfinite(loss) and math.isfinite(g_max)):
-            return first_loss, False
+        self.last_step_evals = 1
+        taking_part = self._check_step()   # zeroes frozen gradients; may raise (diverged)
+        if taking_part is None:
+            return first_loss
+        if not math.isfinite(loss):
+            self.counters["skipped_steps"] += 1
+            logger.warning("non-finite loss: step skipped (%d so far)",
+                           int(self.counters["skipped_steps"]))
+            return first_loss
+        self._taking_part = taking_part
+        g_l1, g_max = self._global_norms(grad)
         if g_max <= s.tolerance_grad:
-            return first_loss, True
+            return first_loss
         self._g.copy_(grad)
         for _ in range(s.max_iter):
             self.counters["step"] += 1
             iteration = int(self.counters["step"])
+            self._commit(taking_part)
             self._update_pairs(iteration)
             g_dot_d = self._descent_direction()
             if not (math.isfinite(g_dot_d) and g_dot_d < -s.tolerance_change):
@@ -197,7 +240,13 @@ class SearchedSteps:
                 break
             if abs(loss - previous_loss) < s.tolerance_change:
                 break
-        return first_loss, True
+        return first_loss
+
+    def _global_norms(self, owned: torch.Tensor) -> tuple[float, float]:
+        """‖·‖₁ (summed in rank order) and max|·| of an owned buffer over every rank."""
+        row = [float(owned.abs().sum()), float(owned.abs().max()) if owned.numel() else 0.0]
+        rows = self.comm.allgather_scalars(row)
+        return sum_in_rank_order(rows[:, :1])[0], float(rows[:, 1].max())
 
     def _search(self, closure: Callable[[], torch.Tensor], *, start: LinePoint,
                 t_init: float, d_max: float, g_max: float, budget: int
@@ -208,7 +257,10 @@ class SearchedSteps:
         grad, owned_d = self.grad, self.owned_direction
         last_g_max = kept_g_max = math.nan
 
+        held = self._taking_part.held
+
         def trial_row() -> list[float]:
+            zero_spans_(grad, held)   # idle parameters: no gradient, as at the start
             return [float(torch.dot(grad, owned_d)),
                     float(grad.abs().max()) if grad.numel() else 0.0]
 
@@ -244,15 +296,13 @@ class SearchedSteps:
         from their change since the last snapshot (as the stochastic step, on θ and g)."""
         cfg, state = self.config, self.flat_state
         self._read_params()
-        m_param, m_grad = state["m_param"], state["m_grad"]
-        if iteration == 1:
-            m_param.copy_(self.param)
-            m_grad.copy_(self._g)
-        else:
-            m_param.lerp_(self.param, 1.0 - cfg.beta_param)
-            m_grad.lerp_(self._g, 1.0 - cfg.beta_grad)
+        part = self._taking_part
+        update_emas_(state, param=self.param, grad=self._g, beta_param=cfg.beta_param,
+                     beta_grad=cfg.beta_grad, first=iteration == 1, held=part.held,
+                     starting=part.starting if iteration > 1 else ())
         if iteration % cfg.update_freq:
             return
+        m_param, m_grad = state["m_param"], state["m_grad"]
         if iteration >= 2 * cfg.update_freq:
             s = m_param - state["snap_param"]
             y = m_grad - state["snap_grad"]
@@ -278,6 +328,8 @@ class SearchedSteps:
         if curved:
             pairs_part = curvature.descent_direction_(g, totals[1:], self.owned_direction)
             g_dot_d = pairs_part - float(curvature.gamma) * g_sq
+            if self._taking_part.held:   # idle parameters do not move (gᵀd: g is 0 there)
+                zero_spans_(self.owned_direction, self._taking_part.held)
             if math.isfinite(g_dot_d) and g_dot_d < 0.0:
                 return g_dot_d
             logger.warning("the curvature gave no descent direction (gᵀd = %.3g): history "

@@ -11,6 +11,8 @@ Exit codes of ``mlbfgs-train``:
 =====  =================================================================================
 0      training finished (or the run directory already held a finished run)
 2      bad command-line arguments
+3      the run diverged (a non-finite parameter, or too many non-finite gradients in a
+       row): stopped without a checkpoint; the one-line message names the last good one
 99     stopped by SIGUSR1/SIGTERM after writing a checkpoint; rerun to resume
        (the batch scripts in ``jobs/`` requeue the job on this code)
 143    a second SIGTERM arrived: exited immediately without a checkpoint
@@ -28,6 +30,7 @@ from types import FrameType
 logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
+EXIT_DIVERGED = 3
 EXIT_REQUEUE = 99
 EXIT_IMMEDIATE = 128 + signal.SIGTERM
 

@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds of interpreter, Horovod and MPI shutdown) cannot turn 0 or 99 into 138. Embedders
     wanting their handlers back use :meth:`Trainer.run`, which restores them.
     Exit code 2 (one line from rank 0): a bad flag value, missing data, a busy run directory,
-    several processes started without MPI (``horovodrun`` on Gloo).
+    several processes started without MPI (``horovodrun`` on Gloo). Exit code 3 (one line
+    from rank 0): the run diverged (:class:`~mlbfgs_hpc.divergence.TrainingDivergedError`).
     """
     args = build_parser().parse_args(argv)
     if not cli.train_args_ok(args):

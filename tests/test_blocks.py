@@ -66,15 +66,18 @@ def test_tied_weights_counted_once_at_first_appearance() -> None:
     assert len(opt.blocks) == 3
 
 
-def test_frozen_params_and_buffers_excluded() -> None:
+def test_frozen_params_included_and_buffers_excluded() -> None:
+    """Blocks hold frozen parameters too (the optimizer reads requires_grad at every step,
+    so a frozen layer may be unfrozen later), never buffers."""
     model = layered_model()
+    unfrozen = [(b.name, b.param_names) for b in build_blocks(model)]
     model[2].weight.requires_grad_(False)
     blocks = build_blocks(model)
     names = [n for b in blocks for n in b.param_names]
-    assert "2.weight" not in names and "2.bias" in names
+    assert "2.weight" in names and "2.bias" in names
     assert not any("running" in n for n in names)
     model[2].bias.requires_grad_(False)
-    assert [b.name for b in build_blocks(model)] == ["0", "3", "4"]
+    assert [(b.name, b.param_names) for b in build_blocks(model)] == unfrozen
 
 
 def test_parameters_owned_by_the_root_module() -> None:

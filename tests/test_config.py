@@ -149,13 +149,14 @@ def test_blocks_sharing_a_parameter() -> None:
 
 
 def test_frozen_parameters_in_groups_are_ignored() -> None:
-    """Like torch optimizers, frozen params may be passed (model.parameters()) but never move."""
+    """Like torch optimizers, frozen params may be passed (model.parameters()) but never move;
+    the optimizer holds them (blocks cover them) so that they can be unfrozen later."""
     model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
     model[0].requires_grad_(False)
     frozen = [p.detach().clone() for p in model[0].parameters()]
     for blocks in (build_blocks(model), None):
         opt = MLBFGS(model.parameters(), blocks=blocks, weight_decay=0.1)
-        assert sum(b.numel for b in opt.blocks) == 3 * 2 + 2
+        assert sum(b.numel for b in opt.blocks) == 3 * 3 + 3 + 3 * 2 + 2
         model(torch.randn(4, 3)).sum().backward()
         opt.step()
         for p, p0 in zip(model[0].parameters(), frozen):
@@ -186,7 +187,8 @@ def test_build_blocks_rejects_bad_block_size(value: Any) -> None:
         build_blocks(nn.Linear(2, 2), block_size=value)
 
 
-def test_build_blocks_rejects_model_without_trainable_params() -> None:
-    model = nn.Linear(2, 2).requires_grad_(False)
-    with pytest.raises(ValueError, match="no trainable parameters"):
-        build_blocks(model)
+def test_build_blocks_rejects_model_without_params() -> None:
+    with pytest.raises(ValueError, match="no parameters"):
+        build_blocks(nn.ReLU())
+    # A wholly frozen model has blocks: it may be unfrozen later.
+    assert len(build_blocks(nn.Linear(2, 2).requires_grad_(False))) == 1

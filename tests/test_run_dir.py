@@ -11,6 +11,8 @@
   requeued instance of the same SLURM job waits for its predecessor.
 * Bad flag values and missing data: one line from rank 0, exit 2, no traceback (also under
   ``mpirun``); ``--help`` shows each default once.
+* A diverged run: one line naming the last good checkpoint, exit 3; an mL-BFGS setting
+  changed on resume is reported once.
 """
 
 from __future__ import annotations
@@ -178,6 +180,51 @@ def test_resume_with_other_steps_extends_and_replans(tmp_path: Path) -> None:
     assert code == 0, out[-3000:]
     assert "--steps: 30 -> 20" in out and "already reached its 20 steps" in out, out[-3000:]
     assert [r["step"] for r in read_metrics(run) if r["event"] == "train"][-1] == 30
+
+
+@pytest.mark.timeout(300)
+def test_resume_with_another_update_freq_is_reported_once(tmp_path: Path) -> None:
+    """An mL-BFGS setting changed on resume gets the trainer's one line, not a second one
+    from the checkpoint loader (which does report it when used as a library)."""
+    run = trained(tmp_path, "run", "--steps", "6")
+    code, out = run_training([*ARGS, "--run-dir", str(run), "--steps", "8",
+                              "--update-freq", "5"], log=tmp_path / "resume.log")
+    assert code == 0, out[-3000:]
+    mentions = [line for line in out.splitlines() if "update" in line and "freq" in line]
+    assert len(mentions) == 1, mentions
+    assert "resuming with a changed setting: --update-freq: 4 -> 5" in mentions[0]
+
+
+# ---- a diverged run -----------------------------------------------------------------------
+@pytest.mark.timeout(300)
+def test_diverged_run_exits_3_naming_the_last_good_checkpoint(tmp_path: Path) -> None:
+    """At step 11 the lr jumps by 1e30 (a step schedule): the gradients are non-finite from
+    step 12 on, the optimizer stops the run at the 20th in a row (step 31) and mlbfgs-train
+    exits 3 with one line naming the checkpoint of step 9 (those of steps 12 to 30 hold the
+    parameters that overflowed); no final checkpoint, a ``diverged`` metrics record."""
+    run = tmp_path / "run"
+    code, out = run_training([*ARGS, "--run-dir", str(run), "--steps", "60", "--schedule",
+                              "step", "--step-size", "10", "--gamma", "1e30",
+                              "--warmup-steps", "0", "--checkpoint-every", "3", "--keep",
+                              "100"], log=tmp_path / "log")
+    assert code == 3, out[-3000:]
+    errors = [line for line in out.splitlines() if "error" in line]
+    good = run / "checkpoints" / "step-000009"
+    assert errors == [
+        "mlbfgs-train: error: step 31: training diverged: the gradient was non-finite at 20 "
+        "steps in a row (max_consecutive_skips=20; 11 steps taken before them); last: "
+        "'net.1.weight', 'net.1.bias', 'net.3.weight', 'net.3.bias', 'net.5.weight' and 1 "
+        f"more; last good checkpoint: {good} (step 9); resume from it with --resume {good}, "
+        "e.g. with a smaller --lr"], errors
+    assert "Traceback" not in out
+    # Rate-limited: the 1st, 2nd, 4th, 8th and 16th skipped steps are logged, not all 20.
+    assert out.count("step skipped") == 5
+    record = read_metrics(run)[-1]
+    assert record == {"event": "diverged", "step": 31, "reason": "non-finite gradients",
+                      "parameters": [f"net.{i}.{k}" for i in (1, 3, 5)
+                                     for k in ("weight", "bias")],
+                      "last_good_checkpoint": str(good)}
+    assert not (run / "checkpoints" / "step-000031").exists()
 
 
 @pytest.mark.parametrize("new_momentum", [0.9, 0.5])

@@ -193,3 +193,61 @@ def test_the_two_modes_do_not_load_each_others_state() -> None:
     with pytest.raises(ValueError, match="saved with line_search_fn"):
         MLBFGS(model.parameters(), blocks=build_blocks(model)).load_state_dict(
             searched(model).state_dict())
+
+
+def test_idle_and_frozen_parameters_stay_where_they_are() -> None:
+    # torch's rule under the search too: a parameter without a gradient, or frozen at step
+    # time, is not moved (the history's other coordinates do not leak into it).
+    data = regression()
+    model = model_of()
+    head = nn.Linear(8, 1).double()            # never used by the loss: .grad stays None
+    frozen = model[2]                           # frozen from the third step on
+    opt = MLBFGS([*model.parameters(), *head.parameters()], line_search_fn="strong_wolfe",
+                 max_iter=3, grad_backend=None)
+    closure = closure_for(model, opt, data)
+    head_before = [p.detach().clone() for p in head.parameters()]
+    first_before = model[0].weight.detach().clone()
+    for step in range(6):
+        if step == 2:
+            for p in frozen.parameters():
+                p.requires_grad_(False)
+            frozen_before = [p.detach().clone() for p in frozen.parameters()]
+        opt.step(closure)
+    assert all(torch.equal(p, q) for p, q in zip(head.parameters(), head_before))
+    assert all(torch.equal(p, q) for p, q in zip(frozen.parameters(), frozen_before))
+    assert not torch.equal(model[0].weight, first_before)   # and the rest trained
+
+
+def test_a_diverged_searched_run_stops() -> None:
+    from mlbfgs_hpc import TrainingDivergedError
+    model = model_of()
+    opt = MLBFGS(model.parameters(), line_search_fn="strong_wolfe", max_consecutive_skips=3,
+                 grad_backend=None)
+
+    def poisoned() -> torch.Tensor:
+        opt.zero_grad()
+        loss = model(torch.full((4, 8), math.nan, dtype=torch.float64)).sum()
+        loss.backward()
+        return loss.detach()
+
+    for _ in range(2):   # skipped, then the third in a row stops the run
+        opt.step(poisoned)
+    assert opt.counters["skipped_steps"] == 2
+    with pytest.raises(TrainingDivergedError, match="non-finite at 3 steps in a row"):
+        opt.step(poisoned)
+
+
+def test_a_copy_of_a_searched_optimizer_continues_bit_for_bit() -> None:
+    import copy
+    model = model_of()
+    opt = searched(model, max_iter=2)
+    run_steps(model, opt, 3)
+    twin_model = copy.deepcopy(model)
+    twin = copy.deepcopy(opt)
+    # The copy optimises its own parameters: rebind it to the copied model's.
+    twin_state = twin.state_dict()
+    twin = searched(twin_model, max_iter=2)
+    twin.load_state_dict(twin_state)
+    run_steps(model, opt, 2)
+    run_steps(twin_model, twin, 2)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin_model.parameters()))

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..comm import LocalCommunicator
+from ..naming import canonical_name, load_canonical_state_dict
 from ..optimizer import MLBFGS
 from .collective import agree, check_comm, failure_of
 from .errors import ERROR_CLASSES, CheckpointError, CheckpointMismatchError
@@ -68,7 +69,9 @@ class _Staged:
 
 
 def _model_mismatch(manifest: dict[str, Any], model: torch.nn.Module, where: Path) -> None:
-    saved = {e["name"]: e for e in manifest["model"]}
+    # Canonical names on both sides: checkpoints written before names were canonical hold a
+    # compiled model's ``_orig_mod.`` ones.
+    saved = {canonical_name(e["name"]): e for e in manifest["model"]}
     mine = {e["name"]: e for e in model_table(model)}
     problems: list[str] = []
     missing = [n for n in saved if n not in mine]
@@ -105,8 +108,11 @@ def _optimizer_mismatch(manifest: dict[str, Any], optimizer: torch.optim.Optimiz
              f"{saved_b['shapes']} vs optimizer {block.name} {list(block.param_names)} "
              f"{[list(s) for s in block.shapes]}"
              for b, (saved_b, block) in enumerate(zip(table, optimizer.blocks))
-             if (saved_b["name"], saved_b["param_names"], saved_b["shapes"]) !=
-             (block.name, list(block.param_names), [list(s) for s in block.shapes])]
+             if (canonical_name(saved_b["name"]), list(map(canonical_name,
+                                                           saved_b["param_names"])),
+                 saved_b["shapes"]) !=
+             (canonical_name(block.name), list(map(canonical_name, block.param_names)),
+              [list(s) for s in block.shapes])]
     if len(table) != len(optimizer.blocks) or diffs:
         raise CheckpointMismatchError(
             f"the optimizer's blocks do not match checkpoint {where}: {len(table)} saved vs "
@@ -117,12 +123,7 @@ def _optimizer_mismatch(manifest: dict[str, Any], optimizer: torch.optim.Optimiz
         raise CheckpointMismatchError(
             f"checkpoint {where} has history_size={m_saved}, the optimizer "
             f"history_size={optimizer.config.history_size}: the history rings cannot be loaded")
-    changed = [f"{k}: {saved_config[k]!r} -> {v!r}"
-               for k, v in optimizer.config.to_dict().items()
-               if k in saved_config and saved_config[k] != v]
-    if changed:
-        logger.warning("optimizer configuration differs from checkpoint %s (the new values "
-                       "apply): %s", where, ", ".join(changed))
+    # Other settings that differ keep the optimizer's value; MLBFGS.load_state_dict says so.
 
 
 def _stage(reader: CheckpointReader, *, model: torch.nn.Module,
@@ -153,10 +154,14 @@ def _stage(reader: CheckpointReader, *, model: torch.nn.Module,
 
 
 def _apply(staged: _Staged, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-           scheduler: Any, where: Path) -> None:
+           scheduler: Any, where: Path, warn_changed_settings: bool) -> None:
     try:
-        model.load_state_dict(staged.model_state, strict=True)
-        optimizer.load_state_dict(staged.optimizer_state)
+        load_canonical_state_dict(model, staged.model_state)
+        if isinstance(optimizer, MLBFGS):
+            optimizer.load_state_dict(staged.optimizer_state,
+                                      warn_changed_settings=warn_changed_settings)
+        else:
+            optimizer.load_state_dict(staged.optimizer_state)
         if scheduler is not None and staged.scheduler_state is not None:
             scheduler.load_state_dict(staged.scheduler_state)
     except (ValueError, RuntimeError, KeyError) as exc:
@@ -168,7 +173,8 @@ def _apply(staged: _Staged, *, model: torch.nn.Module, optimizer: torch.optim.Op
 def load_checkpoint(path: str | Path, *, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, comm: LocalCommunicator,
                     scheduler: Any = None, restore_rng: bool = True,
-                    verify_digests: bool = True) -> LoadedCheckpoint:
+                    verify_digests: bool = True,
+                    warn_changed_settings: bool = True) -> LoadedCheckpoint:
     """Restore model, optimizer, scheduler and RNG states from a checkpoint (collective).
 
     The checkpoint may have been written on any number of ranks; the optimizer must be built
@@ -184,6 +190,9 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module,
         restore_rng: restore the torch/numpy/python (and CUDA) RNG states; rank r gets
             those of saved rank ``r % saved_world_size``.
         verify_digests: check the sha256 of every file a rank opens.
+        warn_changed_settings: log the mL-BFGS settings (``update_freq``, ...) that differ
+            from the checkpoint's (the optimizer's values apply); ``mlbfgs-train`` passes
+            ``False``, it reports every changed flag itself.
 
     Returns:
         The step, ``extra``, ``config``, path and world size of the checkpoint.
@@ -222,7 +231,8 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module,
     assert staged is not None
     failure = None
     try:
-        _apply(staged, model=model, optimizer=optimizer, scheduler=scheduler, where=ckpt)
+        _apply(staged, model=model, optimizer=optimizer, scheduler=scheduler, where=ckpt,
+               warn_changed_settings=warn_changed_settings)
     except Exception as exc:  # must reach the other ranks, see agree
         failure = failure_of(exc)
     agree(comm, failure, f"applying checkpoint {ckpt}")

@@ -26,6 +26,7 @@ import h5py
 import numpy as np
 import torch
 
+from ..naming import canonical_name, canonical_state_dict, unwrap_model
 from ..optimizer import MLBFGS
 from .errors import CheckpointCorruptError, CheckpointError, CheckpointSchemaError
 from .h5io import sha256_file
@@ -45,10 +46,13 @@ logger = logging.getLogger(__name__)
 
 
 def model_table(model: torch.nn.Module) -> list[dict[str, Any]]:
-    params = {name for name, _ in model.named_parameters()}
+    """Name (canonical, :mod:`mlbfgs_hpc.naming`), shape, dtype and kind of every entry of
+    the model's state dict."""
+    params = {canonical_name(name) for name, _ in unwrap_model(model).named_parameters()}
     return [{"name": name, "shape": list(value.shape), "dtype": str(value.dtype).removeprefix(
         "torch."), "kind": "parameter" if name in params else "buffer"}
-        for name, value in model.state_dict().items() if isinstance(value, torch.Tensor)]
+        for name, value in canonical_state_dict(model).items()
+        if isinstance(value, torch.Tensor)]
 
 
 def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:

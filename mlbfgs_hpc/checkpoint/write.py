@@ -16,7 +16,9 @@ HDF5 content (``h5ls -r`` shows exactly these paths)::
     common.h5
       /                    attrs: format, schema_version, kind="common", step, world_size
       /model/<name>        one dataset per entry of model.state_dict() (parameters AND buffers;
-                           rank 0's buffers, e.g. its BatchNorm running statistics)
+                           rank 0's buffers, e.g. its BatchNorm running statistics), under
+                           canonical names: those of the model inside torch.compile/DDP
+                           wrappers (mlbfgs_hpc.naming), so any wrapping loads any other
       /optimizer           attrs: kind ("mlbfgs" | "torch"), class, tree (JSON, see ``tree``)
       /optimizer/<path>    tensors of the optimizer's state_dict():
                            mL-BFGS: global/<counter>, without the per-block state;
@@ -28,6 +30,9 @@ HDF5 content (``h5ls -r`` shows exactly these paths)::
       /blocks/<BBBBBB>     one group per mL-BFGS block owned by the rank that wrote the shard;
                            attrs: name, numel, param_names (JSON)
         m_param m_grad snap_param snap_grad momentum_buffer   (numel,)   flat buffers
+        grad_steps                                             (params,)  steps each parameter
+                                                                          took part in (int64;
+                                                                          absent in older ones)
         S Y                                                    (m, numel) history ring
         rho                                                    (m,)
         gamma head count accepted rejected                     0-d, stored as (1,) + attr scalar=1
@@ -52,6 +57,7 @@ from typing import Any
 import torch
 
 from ..comm import LocalCommunicator
+from ..naming import canonical_state_dict
 from ..optimizer import MLBFGS
 from .collective import check_comm, failure_of
 from .errors import CheckpointError, CheckpointStorageError
@@ -122,7 +128,7 @@ def _write_common(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.
     with open_h5(path, "w") as f:
         f.attrs.update(file_attrs("common", step=step, world_size=world_size))
         group = f.create_group("model")
-        for name, value in model.state_dict().items():
+        for name, value in canonical_state_dict(model).items():
             if not isinstance(value, torch.Tensor):
                 raise CheckpointError(f"model state entry {name!r} is a "
                                       f"{type(value).__name__}, not a tensor: not supported")

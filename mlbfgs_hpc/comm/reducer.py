@@ -126,7 +126,8 @@ class GradientReducer:
         #: After :meth:`synchronize` in ``reducescatter`` mode on more than one rank: this
         #: rank's slice of the averaged flat gradient; ``None`` otherwise.
         self.owned_grad: torch.Tensor | None = None
-        self._hook_handles: list[Any] = []
+        self._hook_handles: dict[int, Any] = {}
+        self._hooks_removed = False
         self._path: _Path | None = None
         if comm.size == 1:
             return
@@ -142,10 +143,7 @@ class GradientReducer:
                     "operations: use --grad-backend mpi (stages gradients through host "
                     "memory) or rebuild Horovod with HOROVOD_GPU_OPERATIONS=NCCL")
         self._path = self._choose_path(params, ownership)
-        if self._path.uses_hooks:
-            for index, param in enumerate(params):
-                self._hook_handles.append(
-                    param.register_post_accumulate_grad_hook(self._make_hook(index)))
+        self.attach_hooks()
         if comm.rank == 0:
             logger.info("gradients: %s", self.path)
 
@@ -210,8 +208,22 @@ class GradientReducer:
         owned = self._path.finish()
         if owned is not None:
             self.owned_grad = owned.div_(self.comm.size)
+        self.attach_hooks()   # parameters unfrozen since: launched from the hooks next time
+
+    def attach_hooks(self) -> None:
+        """Launch from the backward hooks (paths that do) for every parameter that requires
+        a gradient and has no hook yet: torch refuses a hook on a frozen parameter, so one
+        unfrozen later gets its hook here (until then, :meth:`synchronize` sends it)."""
+        if self._path is None or not self._path.uses_hooks or self._hooks_removed:
+            return
+        for index, (_, param) in enumerate(self.named_params):
+            if param.requires_grad and index not in self._hook_handles:
+                self._hook_handles[index] = param.register_post_accumulate_grad_hook(
+                    self._make_hook(index))
 
     def remove_hooks(self) -> None:
-        for handle in self._hook_handles:
+        """Remove the backward hooks for good (:meth:`synchronize` still sends everything)."""
+        self._hooks_removed = True
+        for handle in self._hook_handles.values():
             handle.remove()
         self._hook_handles.clear()
