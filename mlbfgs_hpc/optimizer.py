@@ -5,23 +5,22 @@ Layout on p ranks (ownership from :mod:`mlbfgs_hpc.partition`)::
     flat vector:  | block 0 | block 1 | block 2 | block 3 | block 4 |
     owner:        |  rank 0           | rank 1  |  rank 2           |
     per rank:      m_param, m_grad, snapshots, outer momentum  -> flat over the owned slice
-                   S, Ŷ of all owned blocks: one (2m, n_pad)  -> BatchedCurvature
-                   ring head/count, ρ, γ, W per owned block    -> BlockCurvature (views)
+                   the curvature history of the owned columns  -> the mode's (below)
     every rank:    the full update vector (Allgatherv target), applied to all parameters
 
-Step on every rank (DESIGN.md §1–§2)::
+Step on every rank (the design of the package, §1–§2)::
 
     gradients reduce-scattered to their owners    -> owned gradient/params into flat buffers
       (GradientReducer; or allreduced)
     allgather(non-finite flags, who has a grad)   -> skip the step everywhere if any rank saw a
       (mlbfgs_hpc.step_check)                        non-finite gradient, stop a diverged run;
                                                      leave parameters without gradient alone
-    g = grad + wd·θ; EMA buffers; pairs at t = kT -> H·g (compact form), all owned blocks
-                                                     in a fixed number of kernels
-    allgather(gᵀd, #curved blocks, counters)      -> identical guard ν on every rank
-    outer momentum and lr per param group         -> Allgatherv(update)   -> θ ← θ − update
-                                                     (flat, or node-aware: one copy per host
-                                                      crosses the network; mlbfgs_hpc.comm)
+    the mode's step:
+      stochastic (default; mlbfgs_hpc.stochastic): EMAs, pairs every T steps, H·g per owned
+        block (block-diagonal), grafting, outer momentum -> Allgatherv(update) -> θ ← θ − update
+      line-searched (line_search_fn; mlbfgs_hpc.searched): one L-BFGS history of the whole
+        vector, its columns on their owners; up to max_iter iterations, each a strong-Wolfe
+        search on the rank-averaged loss -> Allgatherv(direction) -> θ ← θ + t·d
 
 With one process the communicator is local and every collective is the identity. Parameters
 without gradient or frozen: :mod:`mlbfgs_hpc.participation`; diverged runs:
@@ -31,32 +30,26 @@ without gradient or frozen: :mod:`mlbfgs_hpc.participation`; diverged runs:
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 
-from .batched import BatchedCurvature, ChunkPlan, scalar_rows
 from .blocks import ParamBlock, blocks_from_parameters, check_blocks_cover
 from .comm import (GRAD_BACKENDS, GRAD_REDUCE_MODES, GradBackend, GradientReducer, GradReduce,
                    LocalCommunicator, tensor_digest)
 from .config import (MLBFGSConfig, check_searched_config, check_searched_group,
                      line_search_settings, mode_defaults, validate_group_hyperparameters)
-from .curvature import BlockCurvature
-from .direction import size_direction_
 from .divergence import DEFAULT_MAX_CONSECUTIVE_SKIPS
-from .flatops import outer_momentum_, update_emas_, weight_decay_
 from .layout import build_local_layout
 from .optimizer_state import (FLAT_STATE_KEYS, GLOBAL_STATE_KEYS, GRAD_STEPS_KEY,
                               check_saved_state, load_group_settings, log_changed_settings,
                               new_global_state, pack_state)
-from .pairs import PairFormer
 from .participation import ParticipationTracker, StepParticipation
 from .partition import Ownership
 from .searched import SearchedSteps
 from .step_check import StepGate
-from .stepsize import DIAGNOSTIC_KEYS, BlockStats, StepTotals
+from .stochastic import StochasticSteps
 from .torch_interop import (ReleasedHooks, called_by_distributed_checkpoint, copy_reduction,
                             refuse_distributed_checkpoint)
 
@@ -64,7 +57,9 @@ logger = logging.getLogger(__name__)
 
 
 class MLBFGS(torch.optim.Optimizer):
-    """Momentum-based stochastic L-BFGS (Niu et al., TMLR 2023), block-wise and distributed.
+    """Momentum-based stochastic L-BFGS (Niu et al., TMLR 2023), block-wise and distributed;
+    with ``line_search_fn``, a line-searched L-BFGS for exact gradients (``torch.optim.LBFGS``'s
+    iteration on p ranks).
 
     Args:
         params: parameters or param-group dicts, as for any torch optimizer. Groups may set
@@ -272,27 +267,16 @@ class MLBFGS(torch.optim.Optimizer):
         sizes = layout.param_sizes
         self._grad_views = list(self._grad.split(sizes))
         self._param_views = list(self._param.split(sizes))
-        self._diagnostics = dict.fromkeys(DIAGNOSTIC_KEYS, math.nan)
         self._synchronized = False   # synchronize() called since the last backward pass
         self._global = new_global_state()
+        # The mode's curvature and step: one history of the whole vector and searched steps
+        # (mlbfgs_hpc.searched), or the owned blocks' histories (mlbfgs_hpc.stochastic).
         self._searched: SearchedSteps | None = None
-        if self.line_search is not None:   # one history of the whole vector, searched steps
+        self._stochastic: StochasticSteps | None = None
+        if self.line_search is not None:
             self._searched = SearchedSteps.for_optimizer(self)
-            return
-        # One history for all owned blocks; each block's ring is a BlockCurvature over its
-        # columns (pairs, W, checkpoints), H·g runs batched over all of them.
-        self._batched = BatchedCurvature(
-            grad=self._grad, direction=self._direction,
-            block_numels=[self.blocks[b].numel for b in self.owned_blocks],
-            history_size=self.config.history_size,
-            plan=ChunkPlan.for_model([block.numel for block in self.blocks],
-                                     device=self._device))
-        self._curvature: dict[int, BlockCurvature] = dict(zip(self.owned_blocks,
-                                                              self._batched.blocks))
-        self._pairs = PairFormer(block_slices=self._block_slices, curvature=self._curvature,
-                                 config=self.config, numel=n,
-                                 max_block_numel=layout.max_block_numel, dtype=self._dtype,
-                                 device=self._device)
+        else:
+            self._stochastic = StochasticSteps(self, max_block_numel=layout.max_block_numel)
 
     # ---- public read-outs --------------------------------------------------------------
     @property
@@ -318,12 +302,13 @@ class MLBFGS(torch.optim.Optimizer):
         """What the curvature did in the last step (:data:`~mlbfgs_hpc.stepsize.DIAGNOSTIC_KEYS`),
         summarised over blocks with curvature; identical on every rank, not checkpointed.
         Empty with ``line_search_fn`` (no grafting, no guard: :attr:`counters` say it all)."""
-        return {} if self._searched is not None else dict(self._diagnostics)
+        return {} if self._stochastic is None else dict(self._stochastic.diagnostics)
 
     def optimizer_state_bytes(self) -> int:
         """Bytes of optimizer state held by this rank (buffers, rings, scratch)."""
-        curvature = (self._searched.tensors() if self._searched is not None else
-                     [*self._pairs.tensors(), *self._batched.tensors()])
+        mode = self._searched if self._searched is not None else self._stochastic
+        assert mode is not None
+        curvature = mode.tensors()
         tensors = [self._grad, self._param, self._direction, *curvature,
                    *self._flat_state.values()]
         return sum(t.numel() * t.element_size() for t in tensors) + \
@@ -352,54 +337,12 @@ class MLBFGS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._gather_owned()
-
         # Every decision below uses values gathered from all ranks and reduced in rank order,
         # so all ranks branch identically and nobody is left waiting in a collective.
         taking_part = self._check_step()
-        if taking_part is None:   # a non-finite gradient somewhere: skipped everywhere
-            return loss
-
-        self._global["step"] += 1
-        t = int(self._global["step"])
-        cfg = self.config
-        self._apply_weight_decay(taking_part)
-        self._update_momentum_buffers(first=(t == 1), taking_part=taking_part)
-        self._participation.commit(taking_part)
-        if t % cfg.update_freq == 0:
-            if t >= 2 * cfg.update_freq:
-                self._form_pairs(first=(t == 2 * cfg.update_freq), step=t)
-            self._flat_state["snap_param"].copy_(self._flat_state["m_param"])
-            self._flat_state["snap_grad"].copy_(self._flat_state["m_grad"])
-
-        # H·g for every owned block at once, and per block gᵀd, γ, gᵀg, dᵀd, read back by
-        # ONE transfer (on a GPU a float() per block would be a synchronisation each).
-        batched = self._batched
-        rows = scalar_rows(batched.precondition_(zero=taking_part.held).tolist())
-        curved_slots = batched.curved
-        block_stats = BlockStats.from_rows(rows, curved_slots)
-        counts = batched.ring_totals   # summed over the blocks when their rings changed
-        local = block_stats.to_row(
-            accepted=counts.accepted, rejected=counts.rejected, curved=len(curved_slots),
-            tau_sum=counts.tau_sum, tau_count=counts.tau_count)
-        totals = StepTotals.from_rank_rows(self.comm.allgather_scalars(local))
-        self._global["accepted_pairs"].fill_(totals.accepted)
-        self._global["rejected_pairs"].fill_(totals.rejected)
-        if totals.curved:
-            self._global["last_gamma"].fill_(totals.gamma_sum / totals.curved)
-
-        # The guard acts only once curvature is in use (DESIGN.md §1.7); then the SGD
-        # fall-back, grafting or the KL factor size what is applied (mlbfgs_hpc.direction).
-        sized = size_direction_(batched=batched, totals=totals, block_stats=block_stats,
-                                config=cfg, direction=self._direction, grad=self._grad)
-        if sized.fell_back:
-            self._global["sgd_fallbacks"] += 1
-        self._global["last_nu"].fill_(sized.nu)
-        self._diagnostics = totals.diagnostics(applied_sq=sized.applied_sq)
-
-        self._apply_outer_momentum(first=(t == 1), taking_part=taking_part)
-        self.comm.allgatherv_(self._update, self.ownership.counts, self.ownership.offsets,
-                              node_aware=self.node_aware)
-        self._apply_update(taking_part)
+        if taking_part is not None:   # None: a non-finite gradient somewhere, skipped
+            assert self._stochastic is not None
+            self._stochastic.step(taking_part)
         return loss
 
     def synchronize(self) -> None:
@@ -460,45 +403,14 @@ class MLBFGS(torch.optim.Optimizer):
         if self._owned_params:
             torch._foreach_copy_(self._param_views, [p.reshape(-1) for p in self._owned_params])
 
-    def _apply_weight_decay(self, taking_part: StepParticipation) -> None:
-        weight_decay_(self._grad, self._param, self._segments,
-                      [group["weight_decay"] for group in self.param_groups],
-                      held=taking_part.held)
-
-    def _update_momentum_buffers(self, *, first: bool, taking_part: StepParticipation) -> None:
-        update_emas_(self._flat_state, param=self._param, grad=self._grad,
-                     beta_param=self.config.beta_param, beta_grad=self.config.beta_grad,
-                     first=first, held=taking_part.held, starting=taking_part.starting)
-
-    def _form_pairs(self, *, first: bool, step: int) -> None:
-        self._pairs.form_(self._flat_state, first=first, maybe_still={
-            self.owned_blocks[k] for k in self._participation.lagging_blocks(step)})
-        self._batched.refresh()
-
-    def _apply_outer_momentum(self, *, first: bool, taking_part: StepParticipation) -> None:
-        """Heavy-ball momentum and the update ``lr·step vector``, with each param group's μ
-        and lr as they are at this step, so a scheduler may change both
-        (:func:`~mlbfgs_hpc.flatops.outer_momentum_`)."""
-        outer_momentum_(self._flat_state["momentum_buffer"], self._direction,
-                        self._owned_update, self._segments,
-                        momenta=[group["momentum"] for group in self.param_groups],
-                        lrs=[group["lr"] for group in self.param_groups],
-                        nesterov=self.config.nesterov, first=first, held=taking_part.held)
-
-    def _apply_update(self, taking_part: StepParticipation) -> None:
-        """θ ← θ − update for every parameter taking part (idle ones are not touched)."""
-        params = taking_part.moving(self._layout_params)
-        if params:
-            torch._foreach_sub_(params, taking_part.moving(self._update_views))
-
     # ---- state, copies -----------------------------------------------------------------
     def block_state(self, block: int) -> dict[str, torch.Tensor]:
         """One owned block's state tensors: views of the flat buffers' slices and the
         curvature ring, and the steps each of its parameters took part in (a copy)."""
         sl = self._block_slices[block]
         state = {key: buf[sl] for key, buf in self._flat_state.items()}
-        state.update(self._curvature[block].state_tensors() if self._searched is None else
-                     self._searched.curvature.block_state(sl))
+        state.update(self._searched.curvature.block_state(sl) if self._searched is not None
+                     else self._stochastic.curvature[block].state_tensors())  # type: ignore
         state[GRAD_STEPS_KEY] = self._participation.block_grad_steps(self._block_position[block])
         return state
 
@@ -549,8 +461,8 @@ class MLBFGS(torch.optim.Optimizer):
             sl = self._block_slices[b]
             for key in FLAT_STATE_KEYS:
                 self._flat_state[key][sl].copy_(saved_block[key])
-            if self._searched is None:
-                self._curvature[b].load_state_tensors(saved_block)
+            if self._stochastic is not None:
+                self._stochastic.curvature[b].load_state_tensors(saved_block)
             self._participation.load_block_grad_steps(
                 self._block_position[b], saved_block.get(GRAD_STEPS_KEY),
                 steps=int(state_dict["global"]["step"]))
@@ -558,7 +470,8 @@ class MLBFGS(torch.optim.Optimizer):
             self._searched.load(state_dict["line_search"], [
                 (self._block_slices[b], state_dict["state"][b]) for b in self.owned_blocks])
         else:
-            self._batched.refresh()
+            assert self._stochastic is not None
+            self._stochastic.batched.refresh()
         for key in GLOBAL_STATE_KEYS:
             self._global[key].copy_(state_dict["global"][key])
         load_group_settings(self.param_groups, state_dict["param_groups"])

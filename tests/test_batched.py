@@ -330,10 +330,10 @@ def test_optimizer_takes_the_direct_path_for_a_big_block_and_steps_the_same(
     chunked products; 20 steps with pairs end where the all-chunked step ends (float32)."""
     assert 600 * 256 >= DIRECT_MIN_NUMEL > 600
     direct_params, direct_opt = _trained_wide_mlp(monkeypatch, direct=True)
-    assert direct_opt._batched.direct_blocks == [0]
+    assert direct_opt._stochastic.batched.direct_blocks == [0]
     assert direct_opt.counters["accepted_pairs"] > 0
     with monkeypatch.context() as patch:
         chunked_params, chunked_opt = _trained_wide_mlp(patch, direct=False)
-    assert chunked_opt._batched.direct_blocks == []
+    assert chunked_opt._stochastic.batched.direct_blocks == []
     for got, want in zip(direct_params, chunked_params):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

@@ -407,7 +407,7 @@ def test_pair_momentum_offers_the_ema_of_successive_pairs() -> None:
             raw = m_param - snapshot
             smoothed = raw if smoothed is None else smoothed * p + raw * (1.0 - p)
             offered += 1
-            curvature = opt._curvature[0]
+            curvature = opt._stochastic.curvature[0]
             newest = (int(curvature.head) - 1) % curvature.history_size
             expected = smoothed if pair_momentum else raw
             torch.testing.assert_close(curvature.S[newest], expected, rtol=1e-12, atol=1e-14)

@@ -165,10 +165,10 @@ def test_internal_buffers_are_allocated_once() -> None:
     def pointers() -> dict[str, int]:
         tensors = {"grad": opt._grad, "param": opt._param, "direction": opt._direction,
                    "update": opt._update,
-                   **{f"pairs.{i}": v for i, v in enumerate(opt._pairs.tensors()) if v.numel()},
+                   **{f"pairs.{i}": v for i, v in enumerate(opt._stochastic.pairs.tensors()) if v.numel()},
                    **{f"flat.{k}": v for k, v in opt._flat_state.items()},
                    **{f"global.{k}": v for k, v in opt._global.items()}}
-        for b, curv in opt._curvature.items():
+        for b, curv in opt._stochastic.curvature.items():
             tensors.update({f"{b}.{k}": v for k, v in curv.state_tensors().items()})
         tensors.update({f"param{i}": p for i, p in enumerate(model.parameters())})
         return {k: v.data_ptr() for k, v in tensors.items()}

@@ -93,7 +93,7 @@ def train(args: argparse.Namespace, comm: Any, backend: str, grad_reduce: str, n
                        node_aware={"auto": None, "on": True, "off": False}[node],
                        grad_overlap=overlap, max_grad_norm=args.max_grad_norm)
     # Model block ids of this rank's direct blocks (the batched object counts owned blocks).
-    direct_blocks = [optimizer.owned_blocks[k] for k in optimizer._batched.direct_blocks]
+    direct_blocks = [optimizer.owned_blocks[k] for k in optimizer._stochastic.batched.direct_blocks]
     timings: list[float] = []
     scaler = (torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=1000)
               if args.grad_scaler else None)

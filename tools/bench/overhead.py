@@ -113,7 +113,7 @@ def _instrument(opt: MLBFGS, sink: dict[str, float]) -> Callable[[], None]:
     wrap(opt, "_form_pairs", "pair update")
     wrap(opt, "_apply_outer_momentum", "outer momentum")
     # H·g of all owned blocks at once, with the per-block gᵀg, gᵀd, dᵀd (batched.py).
-    wrap(opt._batched, "precondition_", "H·g")
+    wrap(opt._stochastic.batched, "precondition_", "H·g")
     # The communicator is shared (one per trainer); on one rank its collectives are no-ops
     # whose Python call overhead is still part of the step.
     for attr in ("allgather_scalars", "allgatherv_"):
