@@ -49,6 +49,9 @@ from .curvature import damping_factor
 
 logger = logging.getLogger(__name__)
 
+#: torch.optim.LBFGS's acceptance rule, sᵀy > 1e-10 (absolute), which the line-searched mode
+#: applies on top of the relative test.
+MIN_CURVATURE = 1e-10
 #: Keys of :meth:`GlobalCurvature.global_state` (identical on every rank).
 GLOBAL_CURVATURE_KEYS: tuple[str, ...] = (
     "gram_sy", "gram_yy", "gamma", "head", "count", "accepted", "rejected")
@@ -63,6 +66,9 @@ class GlobalCurvature:
         dtype: dtype of the stored pairs (the parameters').
         device: device of the stored pairs.
         curvature_eps: acceptance threshold ε of sᵀŷ > ε·sᵀs.
+        min_curvature: a pair is also rejected unless sᵀŷ > this (absolute). The line-searched
+            mode passes :data:`MIN_CURVATURE`, ``torch.optim.LBFGS``'s rule: near a float32
+            optimum s and y are round-off, and keeping the older pairs keeps H usable.
         damping: 1 − τ0 (0: none).
         sigma_low: lower bound of the curvature ratio μ = sᵀy/sᵀs (0 with ``sigma_high`` =
             inf: no window).
@@ -73,7 +79,8 @@ class GlobalCurvature:
     """
 
     def __init__(self, *, numel: int, history_size: int, dtype: torch.dtype,
-                 device: torch.device, curvature_eps: float, damping: float = 0.0,
+                 device: torch.device, curvature_eps: float, min_curvature: float = 0.0,
+                 damping: float = 0.0,
                  sigma_low: float = 0.0, sigma_high: float = math.inf) -> None:
         if numel < 0:
             raise ValueError(f"numel must be >= 0, got {numel}")
@@ -82,6 +89,7 @@ class GlobalCurvature:
         m = history_size
         self.history_size = m
         self.curvature_eps, self.damping = curvature_eps, damping
+        self.min_curvature = min_curvature
         self.sigma_low, self.sigma_high = sigma_low, sigma_high
         kw = {"dtype": dtype, "device": device}
         #: Rows 0..m-1: S's slots; rows m..2m-1: Ŷ's slots (owned columns).
@@ -198,6 +206,7 @@ class GlobalCurvature:
         largest = torch.finfo(self.history.dtype).max
         finite = all(math.isfinite(v) for v in (s_s, s_yhat, yhat_yhat))
         if not (finite and s_s > 0.0 and s_yhat > self.curvature_eps * s_s
+                and s_yhat > self.min_curvature
                 and 1.0 / s_yhat <= largest and s_yhat <= largest * yhat_yhat):
             self.rejected += 1
             return False

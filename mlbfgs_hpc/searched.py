@@ -39,7 +39,7 @@ import torch
 from .comm import LocalCommunicator
 from .config import LineSearchConfig, MLBFGSConfig
 from .flatops import update_emas_, zero_spans_
-from .global_curvature import GlobalCurvature
+from .global_curvature import MIN_CURVATURE, GlobalCurvature
 from .linesearch import LinePoint, WolfeSettings, strong_wolfe_search
 from .participation import EVERYONE, StepParticipation
 from .partition import Ownership
@@ -120,7 +120,8 @@ class SearchedSteps:
         o, cfg = optimizer, optimizer.config
         curvature = GlobalCurvature(
             numel=o._owned_numel, history_size=cfg.history_size, dtype=o._dtype,
-            device=o._device, curvature_eps=cfg.curvature_eps, damping=cfg.damping,
+            device=o._device, curvature_eps=cfg.curvature_eps, min_curvature=MIN_CURVATURE,
+            damping=cfg.damping,
             sigma_low=cfg.sigma_low, sigma_high=cfg.sigma_high)
         return cls(comm=o.comm, params=o._layout_params, ownership=o.ownership,
                    node_aware=o.node_aware, curvature=curvature, config=cfg,
