@@ -73,6 +73,9 @@ RESAMPLED_POOLS: dict[str, tuple[int, int]] = {"poisson": (20000, 2000),
                                                "burgers": (20000, 600),
                                                "helmholtz": (20000, 4000)}
 RESAMPLED_BATCH = 1000
+#: The scaling runs: interior points and training-time budget (seconds).
+SCALING_POINTS = 200_000
+SCALING_BUDGET = 800.0
 #: A research hook outside the package (a scratch worktree), for variants not in main.
 RESEARCH_TREE = Path("/work/wt-research")
 
@@ -111,6 +114,7 @@ class RunSpec:
     flags: tuple[str, ...]
     budget: float
     env: tuple[tuple[str, str], ...] = ()
+    alone: bool = False   # run with nothing beside it (a timing against a 2-rank run)
 
     @property
     def name(self) -> str:
@@ -155,6 +159,14 @@ def plan(name: str, *, tasks: list[str], seeds: list[int], settings: list[str] |
             for seed in seeds:
                 specs.append(RunSpec("mlbfgs_2ranks", task, seed, 2,
                                      tuple(grid["mlbfgs"]), budget))
+        elif name == "scaling":
+            # 2·10⁵ interior points: one process, then 2 ranks, each alone on the machine.
+            big = ("--collocation", str(SCALING_POINTS))
+            for seed in seeds:
+                specs += [RunSpec(f"mlbfgs_{SCALING_POINTS}", task, seed, 0,
+                                  (*grid["mlbfgs"], *big), SCALING_BUDGET, alone=True),
+                          RunSpec(f"mlbfgs_{SCALING_POINTS}_2ranks", task, seed, 2,
+                                  (*grid["mlbfgs"], *big), SCALING_BUDGET)]
         else:
             raise ValueError(f"unknown plan {name!r}")
     return specs
@@ -190,8 +202,8 @@ def run_all(specs: list[RunSpec], out: Path, *, jobs: int) -> None:
     pending = list(specs)
     while pending:
         batch = [pending.pop(0)]
-        while (pending and len(batch) < jobs and batch[0].ranks == 0
-               and pending[0].ranks == 0):
+        while (pending and len(batch) < jobs and batch[0].ranks == 0 and not batch[0].alone
+               and pending[0].ranks == 0 and not pending[0].alone):
             batch.append(pending.pop(0))
         with concurrent.futures.ThreadPoolExecutor(len(batch)) as pool:
             for line in pool.map(lambda s: _run(s, out), batch):
@@ -302,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("action", choices=("run", "report", "plot"))
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--task", action="append", required=True, choices=sorted(BUDGETS))
-    p.add_argument("--plan", default="grid", choices=("grid", "ranks", "resampled"))
+    p.add_argument("--plan", default="grid",
+                   choices=("grid", "ranks", "resampled", "scaling"))
     p.add_argument("--setting", action="append", default=None,
                    help="only these settings of the grid (repeatable)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
