@@ -25,7 +25,8 @@ from mlbfgs_hpc import MLBFGS
 from mlbfgs_hpc.blocks import build_blocks
 from mlbfgs_hpc.checkpoint import find_latest_valid, list_checkpoints, model_state_dict
 from mlbfgs_hpc.data import load_dataset
-from mlbfgs_hpc.train import main, resolve_device
+from mlbfgs_hpc.device import resolve_device
+from mlbfgs_hpc.train import main
 from tests.train_runs import BASE_ARGS, assert_same_final_state, checkpoint_steps, run_training
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
