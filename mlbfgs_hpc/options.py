@@ -12,24 +12,49 @@ import math
 from typing import Any
 
 from . import cli
+from .baselines import ADAMW_WEIGHT_DECAY, MUON_MOMENTUM, MUON_NESTEROV
 from .comm import GRAD_BACKENDS, GRAD_REDUCE_MODES
 from .config import CLIP_MODES, DEFAULT_MOMENTUM, MLBFGSConfig
 from .data import DATASET_NAMES
 from .models import MODEL_NAMES
 
-OPTIMIZERS = ("mlbfgs", "sgd", "adam", "lbfgs")
+OPTIMIZERS = ("mlbfgs", "sgd", "adam", "adamw", "lbfgs", "muon")
 #: ``--line-search`` choices (``--optimizer lbfgs`` only): torch's ``line_search_fn``.
 LINE_SEARCHES = ("none", "strong_wolfe")
 #: Closure evaluations one ``--line-search`` may spend in a step after the step's first
 #: (torch's own cap on a strong-Wolfe search, ``max_ls``).
 LINE_SEARCH_EVALS = 25
 SCHEDULES = ("none", "cosine", "step")
-DEFAULT_LR = {"mlbfgs": 0.1, "sgd": 0.05, "adam": 1e-3, "lbfgs": 0.1}
+#: ``muon``: Muon's lr on the hidden layers' matrices (torch's documented example); its AdamW
+#: half takes ``--muon-adamw-lr`` (default: AdamW's, torch's default).
+DEFAULT_LR = {"mlbfgs": 0.1, "sgd": 0.05, "adam": 1e-3, "adamw": 1e-3, "lbfgs": 0.1,
+              "muon": 0.02}
 NODE_AWARE_CHOICES = {"auto": None, "on": True, "off": False}
 #: The lr warm-up when ``--warmup-steps`` is not given, as a fraction of the run's steps: with
 #: it the small CNN survives 2x its recommended lr (BENCHMARKS.md §9.9; without it, seeds
 #: 1 and 2 died at step 30-40 at lr 0.2, before any curvature pair).
 DEFAULT_WARMUP_FRACTION = 0.1
+
+
+def resolve_optimizer_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the flags whose default depends on ``--optimizer`` (left ``None`` by the parser)
+    with that optimizer's default, in place; the trainer records the values it ran with.
+
+    ``--momentum``: 0.9 (:data:`~mlbfgs_hpc.config.DEFAULT_MOMENTUM`), muon 0.95;
+    ``--nesterov``: off, muon on; ``--weight-decay``: 0, adamw 0.01, muon ``None`` (torch's
+    default of each half: 0.1 on Muon's matrices, 0.01 on the AdamW half); muon's
+    ``--muon-adamw-lr``: AdamW's default lr. torch's own defaults, for muon and adamw.
+    """
+    muon = args.optimizer == "muon"
+    if getattr(args, "momentum", 0.0) is None:
+        args.momentum = MUON_MOMENTUM if muon else DEFAULT_MOMENTUM
+    if getattr(args, "nesterov", False) is None:
+        args.nesterov = MUON_NESTEROV if muon else False
+    if getattr(args, "weight_decay", 0.0) is None and not muon:
+        args.weight_decay = ADAMW_WEIGHT_DECAY if args.optimizer == "adamw" else 0.0
+    if muon and getattr(args, "muon_adamw_lr", 0.0) is None:
+        args.muon_adamw_lr = DEFAULT_LR["adamw"]
+    return args
 
 
 def default_warmup_steps(total_steps: int) -> int:
@@ -77,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--steps", type=int, default=None, help="length in optimizer steps (overrides --epochs)")
     a("--batch-size", type=int, default=128, help="GLOBAL batch size, over all ranks")
     a("--lr", type=float, default=None,
-      help=f"learning rate (default per optimizer: {DEFAULT_LR})")
+      help=f"learning rate (default per optimizer: {DEFAULT_LR}; muon: of the hidden "
+           "layers' matrices, see --muon-adamw-lr)")
     a("--schedule", choices=SCHEDULES, default="cosine")
     a("--step-size", type=int, default=None,
       help="'step' schedule: steps between decays (default: a third of the run)")
@@ -85,10 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     a("--warmup-steps", type=int, default=None,
       help="linear lr warm-up over this many steps before the schedule (default: 10 %% of "
            "the run's steps; 0: none)")
-    a("--weight-decay", type=float, default=0.0)
-    a("--momentum", type=float, default=DEFAULT_MOMENTUM,
-      help="outer momentum of mlbfgs, momentum of sgd (a param-group setting of both)")
-    a("--nesterov", action="store_true")
+    a("--weight-decay", type=float, default=None,
+      help="weight decay (default: 0; adamw 0.01; muon torch's per half: 0.1 on Muon's "
+           "matrices, 0.01 on its AdamW half; a value given applies to both halves)")
+    a("--momentum", type=float, default=None,
+      help=f"outer momentum of mlbfgs, momentum of sgd and muon (a param-group setting; "
+           f"default {DEFAULT_MOMENTUM}, muon {MUON_MOMENTUM})")
+    a("--nesterov", action=argparse.BooleanOptionalAction, default=None,
+      help="Nesterov momentum (mlbfgs, sgd, muon; default: off, muon on)")
+    a("--muon-adamw-lr", type=float, default=None,
+      help="--optimizer muon only: lr of the parameters Muon does not take (embeddings, "
+           "biases, norms, convolution filters, the output layer), which AdamW trains "
+           f"(default {DEFAULT_LR['adamw']}); --lr is Muon's")
     a("--history-size", type=int, default=_DEFAULTS.history_size)
     a("--line-search", choices=LINE_SEARCHES, default="none",
       help="--optimizer lbfgs only: 'strong_wolfe' searches each step's length along the "
@@ -133,8 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
            "with a small model (does not change the mathematics)")
     a("--resume", default="auto",
       help="'auto' (newest valid checkpoint in the run dir, if any), 'never', or a path")
-    a("--grad-backend", choices=GRAD_BACKENDS, default="horovod",
-      help="how gradients are averaged across ranks")
+    a("--grad-backend", choices=GRAD_BACKENDS, default="auto",
+      help="how gradients are averaged across ranks: 'auto' (Horovod where it imports on "
+           "every rank, mpi4py otherwise; the choice is logged), 'horovod' or 'mpi'")
     a("--grad-reduce", choices=GRAD_REDUCE_MODES, default="allreduce",
       help="'allreduce' (every rank receives the whole average; launched during the "
            "backward pass; measured faster, BENCHMARKS.md) or, mlbfgs only, "

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from . import cli, runconfig
+from .baselines import MuonWithAdamW, build_baseline
 from .blocks import build_blocks
 from .cli import UsageError
 from .comm import GradientReducer, LauncherError, LocalCommunicator, init_communicator
@@ -40,7 +41,7 @@ from .device import resolve_device
 from .models import SEQUENCE_MODELS, build_model
 from .optimizer import MLBFGS
 from .options import (DEFAULT_LR, NODE_AWARE_CHOICES, build_parser, default_warmup_steps,
-                      lbfgs_search_settings)
+                      lbfgs_search_settings, resolve_optimizer_defaults)
 from .rundir import RunDirBusyError, hold_run_dir
 from .seeding import seed_everything
 from .signals import EXIT_OK, EXIT_REQUEUE, StopRequest, process_age_seconds
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     Exit code 2 (one line from rank 0): a bad flag value, missing data, a busy run directory,
     several processes started without MPI (``horovodrun`` on Gloo).
     """
-    args = build_parser().parse_args(argv)
+    args = resolve_optimizer_defaults(build_parser().parse_args(argv))
     if not cli.train_args_ok(args):
         return 2
     stop = StopRequest()
@@ -103,7 +104,7 @@ class Trainer:
     def __init__(self, *, args: argparse.Namespace, comm: LocalCommunicator) -> None:
         if args.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-        self.args = args
+        self.args = resolve_optimizer_defaults(args)  # in place: checkpoints record them
         self.comm = comm
         self.run_dir = Path(args.run_dir)
         threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, comm.local_size))
@@ -191,16 +192,20 @@ class Trainer:
                 node_aware=NODE_AWARE_CHOICES[a.node_aware])
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.reducer = self.comm.gradient_reducer(named, backend=a.grad_backend)
-        params = [p for _, p in named]
-        if a.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=self.lr, momentum=a.momentum,
-                                   nesterov=a.nesterov, weight_decay=a.weight_decay)
-        if a.optimizer == "adam":
-            return torch.optim.Adam(params, lr=self.lr, weight_decay=a.weight_decay)
-        # One L-BFGS iteration per batch: a fixed step of length lr, or (--line-search) the
-        # length torch's strong-Wolfe search finds, starting from lr.
-        return torch.optim.LBFGS(params, lr=self.lr, max_iter=1, history_size=a.history_size,
-                                 **lbfgs_search_settings(a.line_search))
+        try:
+            return build_baseline(
+                a.optimizer, model=self.model, params=[p for _, p in named], lr=self.lr,
+                momentum=a.momentum, nesterov=a.nesterov, weight_decay=a.weight_decay,
+                adamw_lr=getattr(a, "muon_adamw_lr", None), history_size=a.history_size,
+                lbfgs_settings=lbfgs_search_settings(a.line_search))
+        except ValueError as exc:  # e.g. muon on a model without hidden linear layers
+            raise UsageError(f"--optimizer {a.optimizer}: {exc}") from exc
+
+    def _peak_lrs(self) -> list[float]:
+        """The lr each param group's schedule starts from (muon: two, one per half)."""
+        if isinstance(self.optimizer, MuonWithAdamW):
+            return self.optimizer.peak_lrs(lr=self.lr, adamw_lr=self.args.muon_adamw_lr)
+        return [self.lr] * len(self.optimizer.param_groups)
 
     def _build_scheduler(self, optimizer: torch.optim.Optimizer | None = None
                          ) -> torch.optim.lr_scheduler.LRScheduler | None:
@@ -269,7 +274,8 @@ class Trainer:
         runconfig.apply_on_resume(
             loaded.config, self._run_config(), optimizer=self.optimizer,
             scheduler=self.scheduler, step=self.step, total_steps=self.total_steps,
-            lr=self.lr, build_scheduler=self._build_scheduler, report=self.comm.rank == 0)
+            lr=self.lr, group_lrs=self._peak_lrs(), build_scheduler=self._build_scheduler,
+            report=self.comm.rank == 0)
         if self.step >= self.total_steps:
             logger.info("the run in %s already reached its %d steps: evaluating only (pass "
                         "--resume never or another --run-dir to train again)",
