@@ -84,3 +84,39 @@ def test_a_diverged_seed_does_not_stretch_the_loss_plot(tmp_path, monkeypatch) -
     assert all(p.is_file() for p in paths)
     low, high = limits["tta_t_loss_vs_steps.png"]
     assert high == pytest.approx(4 * 2.3) and 0 < low < 0.3
+
+
+def test_muon_runs_get_the_tasks_adamw_half_lr() -> None:
+    tasks = {t.name: t for t in tta.default_tasks(quick=False)}
+    flags = tasks["cnn-fmnist-b128"].extra_flags("muon")
+    assert flags[flags.index("--muon-adamw-lr") + 1] == "0.008"
+    lm = tasks["lm-pystdlib"].extra_flags("muon")
+    assert lm[lm.index("--muon-adamw-lr") + 1] == "0.01" and "--depth" in lm
+    assert "--muon-adamw-lr" not in tasks["cnn-fmnist-b128"].extra_flags("adamw")
+    digits = tasks["mlp-digits"].extra_flags("muon")  # no pinned value: Adam's middle lr
+    assert digits[digits.index("--muon-adamw-lr") + 1] == repr(tasks["mlp-digits"].grid(
+        "adam")[1])
+
+
+def test_lr_grid_option_parses_and_rejects() -> None:
+    from tools.bench import harness
+
+    assert harness._lr_grids(["sgd=0.05", "muon=0.02,0.05"]) == {"sgd": (0.05,),
+                                                                 "muon": (0.02, 0.05)}
+    for bad in ("sgd", "nope=0.1", "sgd=x", "sgd=-1"):
+        with pytest.raises(SystemExit):
+            harness._lr_grids([bad])
+
+
+@pytest.mark.timeout(300)
+def test_a_pinned_optimizer_is_not_swept(tmp_path: Path) -> None:
+    """Real (tiny) training runs through the harness: SGD pinned at one lr goes straight to
+    its final run; Muon's two lrs are swept first."""
+    task = tta.Task("tiny", "mlp", "digits", steps=4, eval_every=2, full_grid=False,
+                    seeds=(0,), lr_grid=(("sgd", (0.05,)), ("muon", (0.02, 0.05))))
+    result = tta.run_task(task, root=tmp_path, jobs=2, threads=1, optimizers=("sgd", "muon"))
+    assert sorted((r.optimizer, r.lr) for r in result["sweep"]) == [("muon", 0.02),
+                                                                    ("muon", 0.05)]
+    assert result["best_lr"]["sgd"] == 0.05 and result["best_lr"]["muon"] in (0.02, 0.05)
+    assert sorted(r.optimizer for r in result["final"]) == ["muon", "sgd"]
+    assert all(r.error is None and r.summary for r in result["final"]), result["final"]
