@@ -41,15 +41,15 @@ def resolve_optimizer_defaults(args: argparse.Namespace) -> argparse.Namespace:
     with that optimizer's default, in place; the trainer records the values it ran with.
 
     ``--momentum``: 0.9 (:data:`~mlbfgs_hpc.config.DEFAULT_MOMENTUM`), muon 0.95;
-    ``--nesterov``: off, muon on; ``--weight-decay``: 0, adamw 0.01, muon ``None`` (torch's
+    ``--nesterov``: off, muon on (with a momentum); ``--weight-decay``: 0, adamw 0.01, muon ``None`` (torch's
     default of each half: 0.1 on Muon's matrices, 0.01 on the AdamW half); muon's
     ``--muon-adamw-lr``: AdamW's default lr. torch's own defaults, for muon and adamw.
     """
     muon = args.optimizer == "muon"
     if getattr(args, "momentum", 0.0) is None:
         args.momentum = MUON_MOMENTUM if muon else DEFAULT_MOMENTUM
-    if getattr(args, "nesterov", False) is None:
-        args.nesterov = MUON_NESTEROV if muon else False
+    if getattr(args, "nesterov", False) is None:  # Nesterov needs momentum: --momentum 0 drops it
+        args.nesterov = MUON_NESTEROV and args.momentum > 0 if muon else False
     if getattr(args, "weight_decay", 0.0) is None and not muon:
         args.weight_decay = ADAMW_WEIGHT_DECAY if args.optimizer == "adamw" else 0.0
     if muon and getattr(args, "muon_adamw_lr", 0.0) is None:

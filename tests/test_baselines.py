@@ -142,3 +142,9 @@ def test_resume_replans_each_half_from_its_own_peak_lr() -> None:
         planned.step()
     assert [g["lr"] for g in optimizer.param_groups] == [g["lr"] for g in
                                                          reference.param_groups]
+
+
+def test_muon_without_momentum_drops_nesterov_unless_asked() -> None:
+    args = resolve_optimizer_defaults(build_parser().parse_args(
+        ["--optimizer", "muon", "--momentum", "0"]))
+    assert (args.momentum, args.nesterov) == (0.0, False)
