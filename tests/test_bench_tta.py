@@ -120,3 +120,28 @@ def test_a_pinned_optimizer_is_not_swept(tmp_path: Path) -> None:
     assert result["best_lr"]["sgd"] == 0.05 and result["best_lr"]["muon"] in (0.02, 0.05)
     assert sorted(r.optimizer for r in result["final"]) == ["muon", "sgd"]
     assert all(r.error is None and r.summary for r in result["final"]), result["final"]
+
+
+def test_time_to_target_is_compared_with_sgd_and_adam_on_the_same_seed() -> None:
+    task = tta.Task("t", "mlp", "digits", eval_every=10, full_grid=False, steps=30,
+                    seeds=(0, 1), targets=(0.8,))
+
+    def run(optimizer: str, seed: int, seconds_to_target: float) -> tta.RunResult:
+        evals = [{"step": 10, "epoch": 1.0, "time": seconds_to_target / 2,
+                  "test_accuracy": 0.5, "test_loss": 1.0},
+                 {"step": 20, "epoch": 2.0, "time": seconds_to_target, "test_accuracy": 0.85,
+                  "test_loss": 0.5}]
+        return tta.RunResult(optimizer=optimizer, lr=0.1, seed=seed, phase="final",
+                             evals=evals, summary={"test_accuracy": 0.85, "test_loss": 0.5,
+                                                   "train_seconds": seconds_to_target})
+
+    final = [run("sgd", 0, 10.0), run("sgd", 1, 20.0), run("adam", 0, 5.0),
+             run("adam", 1, 8.0), run("muon", 0, 4.0), run("muon", 1, 10.0)]
+    result = tta.analyse({"task": task, "best_lr": {"sgd": 0.1, "adam": 0.1, "muon": 0.1},
+                          "final": final, "sweep": [], "seconds": 1.0}, iteration_ms=None)
+    muon = result["per_optimizer"]["muon"]
+    assert (muon["time_ratio_to_sgd_80"]["min"], muon["time_ratio_to_sgd_80"]["max"]) == (
+        0.4, 0.5)
+    assert (muon["time_ratio_to_adam_80"]["min"], muon["time_ratio_to_adam_80"]["max"]) == (
+        0.8, 1.25)
+    assert result["per_optimizer"]["adam"]["time_ratio_to_adam_80"]["median"] == 1.0
