@@ -18,7 +18,8 @@ scaling        mpirun -np 1/2/4: per-rank optimizer state and step pieces vs the
                Horovod vs mpi4py gradient backend
 checkpoint     ``checkpoint`` module: checkpoint size, write and read time vs disk speed
 tta            time-to-accuracy (85/88/90 %) on digits/MLP and Fashion-MNIST/CNN vs SGD,
-               Adam, stochastic L-BFGS and pytorch-optimizer's ScalableShampoo
+               Adam, AdamW, torch's Muon, stochastic L-BFGS and pytorch-optimizer's
+               ScalableShampoo (``--optimizers``, ``--lr-grid``: a subset, pinned lrs)
 =============  ============================================================================
 
 Writes into ``--out``: ``results.json`` (everything, with the machine, versions, commands

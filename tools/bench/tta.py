@@ -1,4 +1,4 @@
-"""Time-to-accuracy: mL-BFGS against SGD-momentum, Adam, stochastic L-BFGS and Shampoo.
+"""Time-to-accuracy: mL-BFGS against SGD-momentum, Adam, AdamW, Muon, L-BFGS and Shampoo.
 
 Every run goes through the training driver (:class:`driver.BenchTrainer`: the real
 ``mlbfgs_hpc.train.Trainer``), global batch 128, cosine schedule over the run, one process
