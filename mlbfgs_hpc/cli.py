@@ -97,7 +97,9 @@ FLAG_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("lr", _optional(lambda v: _finite(v) and v >= 0), "a finite number >= 0"),
     ("step_size", _optional(lambda v: v >= 1), "an integer >= 1"),
     ("gamma", lambda v: _finite(v) and v > 0, "a finite number > 0"),
-    ("weight_decay", lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    ("weight_decay", _optional(lambda v: _finite(v) and v >= 0), "a finite number >= 0"),
+    ("momentum", _optional(lambda v: _finite(v) and v >= 0), "a finite number >= 0"),
+    ("muon_adamw_lr", _optional(lambda v: _finite(v) and v >= 0), "a finite number >= 0"),
     ("block_size", _optional(lambda v: v >= 1), "an integer >= 1"),
     ("seed", lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
     ("checkpoint_every", lambda v: v >= 0, "an integer >= 0 (0: off)"),
@@ -139,9 +141,7 @@ def validate_train_args(args: argparse.Namespace) -> None:
     second = getattr(args, "switch_to", None) if getattr(args, "switch_at", None) else None
     if optimizer == "mlbfgs" or second == "mlbfgs":
         _check_mlbfgs_config(args)
-    elif optimizer == "sgd" and not (_finite(args.momentum) and args.momentum >= 0):
-        raise UsageError(f"--momentum must be a finite number >= 0, got {args.momentum!r}")
-    elif optimizer == "sgd" and args.nesterov and args.momentum == 0:
+    elif optimizer in ("sgd", "muon") and args.nesterov and args.momentum == 0:
         raise UsageError("--nesterov needs --momentum > 0")
     elif optimizer == "lbfgs" and args.history_size < 1:
         raise UsageError(f"--history-size must be an integer >= 1, got {args.history_size!r}")
@@ -203,13 +203,14 @@ def _check_mlbfgs_config(args: argparse.Namespace) -> None:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(MLBFGSConfig)
               if hasattr(args, f.name)}
     try:
-        config = MLBFGSConfig(**values)
+        config = MLBFGSConfig(**{k: v for k, v in values.items() if v is not None})
         if searched_mlbfgs(args):
             check_searched_config(config)
             check_searched_group({"momentum": args.momentum,
-                                  "weight_decay": getattr(args, "weight_decay", 0.0)})
-        elif hasattr(args, "momentum"):   # a param-group setting, checked as MLBFGS does
-            validate_momentum(args.momentum, nesterov=values.get("nesterov", False))
+                                  "weight_decay": getattr(args, "weight_decay", None) or 0.0})
+        elif getattr(args, "momentum", None) is not None:  # a param-group setting, checked
+            validate_momentum(args.momentum,               # as the optimizer does
+                              nesterov=bool(values.get("nesterov")))
     except ValueError as exc:
         message = str(exc).replace("with line_search_fn", "with --line-search")
         for name in sorted([*values, "momentum", "weight_decay"], key=len, reverse=True):

@@ -104,8 +104,10 @@ class MLBFGS(torch.optim.Optimizer):
             every ``grad_reduce`` mode; ``None``: off. See :attr:`last_grad_norm`.
         comm: communicator from :func:`~mlbfgs_hpc.comm.init_communicator`; ``None`` for a
             single process.
-        grad_backend: ``"horovod"`` or ``"mpi"``: how gradients are averaged across ranks
-            (ignored on one rank). ``None`` leaves the gradients alone (the caller averages).
+        grad_backend: how gradients are averaged across ranks (ignored on one rank):
+            ``"auto"`` (the default: Horovod where it imports on every rank, ``mpi4py``
+            otherwise; logged once), ``"horovod"`` or ``"mpi"``. ``None`` leaves the
+            gradients alone (the caller averages).
         grad_reduce: ``"allreduce"`` (every rank receives the whole average in ``.grad``;
             the default: it overlaps the backward pass and measured faster, BENCHMARKS.md)
             or ``"reducescatter"`` (each rank receives only the average of the blocks it
@@ -154,7 +156,7 @@ class MLBFGS(torch.optim.Optimizer):
         tolerance_grad: float | None = None,
         tolerance_change: float | None = None,
         comm: LocalCommunicator | None = None,
-        grad_backend: GradBackend | None = "horovod",
+        grad_backend: GradBackend | None = "auto",
         grad_reduce: GradReduce = "allreduce",
         node_aware: bool | None = None,
         grad_overlap: bool = True,
@@ -207,7 +209,8 @@ class MLBFGS(torch.optim.Optimizer):
             comm=self.comm, named_params=list(zip(self.param_names, self._layout_params)),
             backend=grad_backend, mode=grad_reduce, ownership=self.ownership,
             node_aware=node_aware, overlap=grad_overlap))
-        self.grad_backend = grad_backend
+        #: The backend taken (``"auto"`` resolved on more than one rank), or ``None``.
+        self.grad_backend = grad_backend if self._reducer is None else self._reducer.backend
         self.grad_reduce = grad_reduce
         # Any backward pass makes new gradients: synchronize() must wait for them again, even
         # when no step() came in between (a GradScaler that skipped an overflowed step). The

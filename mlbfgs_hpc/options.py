@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import cli
+from .baselines import ADAMW_WEIGHT_DECAY, MUON_MOMENTUM, MUON_NESTEROV
 from .comm import GRAD_BACKENDS, GRAD_REDUCE_MODES
 from .config import (CLIP_MODES, DEFAULT_MOMENTUM, SEARCH_EVALS, SEARCHED_DEFAULTS, MLBFGSConfig,
                      STOCHASTIC_DEFAULTS, default_max_eval)
@@ -21,7 +22,7 @@ from .models import MODEL_NAMES
 from .cli import searched_mlbfgs
 from .pinn import PROBLEMS
 
-OPTIMIZERS = ("mlbfgs", "sgd", "adam", "lbfgs")
+OPTIMIZERS = ("mlbfgs", "sgd", "adam", "adamw", "lbfgs", "muon")
 #: ``--switch-to`` choices: the second optimizer of the PINN recipe (Adam, then L-BFGS).
 SWITCH_TARGETS = ("lbfgs", "mlbfgs")
 #: ``--line-search`` choices (``lbfgs`` and ``mlbfgs``): torch's ``line_search_fn``.
@@ -30,7 +31,10 @@ LINE_SEARCHES = ("none", "strong_wolfe")
 #: (torch's own cap on a strong-Wolfe search, ``max_ls``).
 LINE_SEARCH_EVALS = SEARCH_EVALS
 SCHEDULES = ("none", "cosine", "step")
-DEFAULT_LR = {"mlbfgs": 0.1, "sgd": 0.05, "adam": 1e-3, "lbfgs": 0.1}
+#: ``muon``: Muon's lr on the hidden layers' matrices (torch's documented example); its AdamW
+#: half takes ``--muon-adamw-lr`` (default: AdamW's, torch's default).
+DEFAULT_LR = {"mlbfgs": 0.1, "sgd": 0.05, "adam": 1e-3, "adamw": 1e-3, "lbfgs": 0.1,
+              "muon": 0.02}
 DEFAULT_EPOCHS = 2.0
 #: A PINN run's length when neither ``--steps`` nor ``--epochs`` is given.
 PINN_DEFAULT_STEPS = 1000
@@ -41,6 +45,27 @@ NODE_AWARE_CHOICES = {"auto": None, "on": True, "off": False}
 #: it the small CNN survives 2x its recommended lr (BENCHMARKS.md §9.9; without it, seeds
 #: 1 and 2 died at step 30-40 at lr 0.2, before any curvature pair).
 DEFAULT_WARMUP_FRACTION = 0.1
+
+
+def resolve_optimizer_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the flags whose default depends on ``--optimizer`` (left ``None`` by the parser)
+    with that optimizer's default, in place; the trainer records the values it ran with.
+
+    ``--momentum``: 0.9 (:data:`~mlbfgs_hpc.config.DEFAULT_MOMENTUM`), muon 0.95;
+    ``--nesterov``: off, muon on (with a momentum); ``--weight-decay``: 0, adamw 0.01, muon ``None`` (torch's
+    default of each half: 0.1 on Muon's matrices, 0.01 on the AdamW half); muon's
+    ``--muon-adamw-lr``: AdamW's default lr. torch's own defaults, for muon and adamw.
+    """
+    muon = args.optimizer == "muon"
+    if getattr(args, "momentum", 0.0) is None:
+        args.momentum = MUON_MOMENTUM if muon else DEFAULT_MOMENTUM
+    if getattr(args, "nesterov", False) is None:  # Nesterov needs momentum: --momentum 0 drops it
+        args.nesterov = MUON_NESTEROV and args.momentum > 0 if muon else False
+    if getattr(args, "weight_decay", 0.0) is None and not muon:
+        args.weight_decay = ADAMW_WEIGHT_DECAY if args.optimizer == "adamw" else 0.0
+    if muon and getattr(args, "muon_adamw_lr", 0.0) is None:
+        args.muon_adamw_lr = DEFAULT_LR["adamw"]
+    return args
 
 
 def default_warmup_steps(total_steps: int) -> int:
@@ -108,7 +133,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, defaults[key])
     if args.momentum is None:   # (0 also for an SGD phase before a searched mL-BFGS)
-        args.momentum = defaults["momentum"]
+        args.momentum = MUON_MOMENTUM if args.optimizer == "muon" else defaults["momentum"]
+    resolve_optimizer_defaults(args)
     if args.lr is None:
         searched = args.line_search != "none" and args.optimizer in ("mlbfgs", "lbfgs")
         args.lr = SEARCHED_LR if searched else DEFAULT_LR[args.optimizer]
@@ -187,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--batch-size", type=int, default=128, help="GLOBAL batch size, over all ranks")
     a("--lr", type=float, default=None,
       help=f"learning rate (default per optimizer: {DEFAULT_LR}; {SEARCHED_LR} for lbfgs "
-           f"and mlbfgs with --line-search, where it is the first trial step)")
+           f"and mlbfgs with --line-search, where it is the first trial step; muon: of the "
+           f"hidden layers' matrices, see --muon-adamw-lr)")
     a("--schedule", choices=SCHEDULES, default=None,
       help="default: cosine; none for --pde")
     a("--step-size", type=int, default=None,
@@ -196,11 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
     a("--warmup-steps", type=int, default=None,
       help="linear lr warm-up over this many steps before the schedule (default: 10 %% of "
            "the run's steps; 0: none)")
-    a("--weight-decay", type=float, default=0.0)
+    a("--weight-decay", type=float, default=None,
+      help="weight decay (default: 0; adamw 0.01; muon torch's per half: 0.1 on Muon's "
+           "matrices, 0.01 on its AdamW half; a value given applies to both halves)")
     a("--momentum", type=float, default=None,
-      help=f"outer momentum of mlbfgs, momentum of sgd (a param-group setting of both; "
-           f"default {DEFAULT_MOMENTUM}, 0 for mlbfgs with --line-search)")
-    a("--nesterov", action="store_true")
+      help=f"outer momentum of mlbfgs, momentum of sgd and muon (a param-group setting; "
+           f"default {DEFAULT_MOMENTUM}, muon {MUON_MOMENTUM}, 0 for mlbfgs with "
+           f"--line-search)")
+    a("--nesterov", action=argparse.BooleanOptionalAction, default=None,
+      help="Nesterov momentum (mlbfgs, sgd, muon; default: off, muon on)")
+    a("--muon-adamw-lr", type=float, default=None,
+      help="--optimizer muon only: lr of the parameters Muon does not take (embeddings, "
+           "biases, norms, convolution filters, the output layer), which AdamW trains "
+           f"(default {DEFAULT_LR['adamw']}); --lr is Muon's")
     a("--history-size", type=int, default=None, help=_mode_help("history_size"))
     a("--line-search", choices=LINE_SEARCHES, default="none",
       help="lbfgs and mlbfgs (and --switch-to): 'strong_wolfe' searches each iteration's "
@@ -250,8 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
            "with a small model (does not change the mathematics)")
     a("--resume", default="auto",
       help="'auto' (newest valid checkpoint in the run dir, if any), 'never', or a path")
-    a("--grad-backend", choices=GRAD_BACKENDS, default="horovod",
-      help="how gradients are averaged across ranks")
+    a("--grad-backend", choices=GRAD_BACKENDS, default="auto",
+      help="how gradients are averaged across ranks: 'auto' (Horovod where it imports on "
+           "every rank, mpi4py otherwise; the choice is logged), 'horovod' or 'mpi'")
     a("--grad-reduce", choices=GRAD_REDUCE_MODES, default="allreduce",
       help="'allreduce' (every rank receives the whole average; launched during the "
            "backward pass; measured faster, BENCHMARKS.md) or, mlbfgs only, "

@@ -31,6 +31,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import runconfig
+from .baselines import MuonWithAdamW, build_baseline
 from .cli import UsageError, print_usage_error
 from .comm import GradientReducer, LocalCommunicator
 from .device import resolve_device
@@ -114,17 +115,22 @@ class TrainingRun:
                 node_aware=NODE_AWARE_CHOICES[a.node_aware], **search)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.reducer = self.comm.gradient_reducer(named, backend=a.grad_backend)
-        params = [p for _, p in named]
-        if name == "sgd":
-            return torch.optim.SGD(params, lr=lr, momentum=a.momentum,
-                                   nesterov=a.nesterov, weight_decay=a.weight_decay)
-        if name == "adam":
-            return torch.optim.Adam(params, lr=lr, weight_decay=a.weight_decay)
-        # torch's L-BFGS: max_iter iterations per step(), each a fixed step of length lr
-        # or (--line-search) the length torch's strong-Wolfe search finds, starting from lr.
-        return torch.optim.LBFGS(params, lr=lr, max_iter=a.max_iter,
-                                 history_size=a.history_size,
-                                 **lbfgs_search_settings(a.line_search, max_iter=a.max_iter))
+        try:
+            return build_baseline(
+                name, model=self.model, params=[p for _, p in named], lr=lr,
+                momentum=a.momentum, nesterov=a.nesterov, weight_decay=a.weight_decay,
+                adamw_lr=getattr(a, "muon_adamw_lr", None), history_size=a.history_size,
+                max_iter=a.max_iter,
+                lbfgs_settings=lbfgs_search_settings(a.line_search, max_iter=a.max_iter))
+        except ValueError as exc:  # e.g. muon on a model without hidden linear layers
+            raise UsageError(f"--optimizer {name}: {exc}") from exc
+
+    def _peak_lrs(self) -> list[float]:
+        """The lr each param group's schedule starts from (muon: two, one per half)."""
+        if isinstance(self.optimizer, MuonWithAdamW):
+            return self.optimizer.peak_lrs(lr=self.lr, adamw_lr=self.args.muon_adamw_lr)
+        lr = self.args.switch_lr if self.phase else self.lr
+        return [lr] * len(self.optimizer.param_groups)
 
     def _build_scheduler(self, optimizer: torch.optim.Optimizer | None = None
                          ) -> torch.optim.lr_scheduler.LRScheduler | None:
@@ -221,7 +227,7 @@ class TrainingRun:
         runconfig.apply_on_resume(
             loaded.config, self._run_config(), optimizer=self.optimizer,
             scheduler=self.scheduler, step=self.step, total_steps=self.total_steps,
-            lr=self.args.switch_lr if self.phase else self.lr,
+            lr=self.args.switch_lr if self.phase else self.lr, group_lrs=self._peak_lrs(),
             build_scheduler=self._build_scheduler, report=self.comm.rank == 0)
         if self.step >= self.total_steps:
             logger.info("the run in %s already reached its %d steps: evaluating only (pass "

@@ -42,7 +42,7 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LR
 
 #: Settings that shape the LR schedule: a change re-plans it.
 SCHEDULE_KEYS: frozenset[str] = frozenset({"steps", "epochs", "lr", "step_size", "gamma",
-                                           "warmup_steps"})
+                                           "warmup_steps", "muon_adamw_lr"})
 #: Settings stored in the optimizer's param groups (set again after loading).
 GROUP_KEYS: tuple[str, ...] = ("weight_decay", "momentum", "nesterov")
 #: Keys of the stored configuration that are not settings a user changes (derived, or how
@@ -141,6 +141,8 @@ def apply_group_settings(optimizer: torch.optim.Optimizer, changes: Sequence[Set
     entries :func:`~mlbfgs_hpc.options.lbfgs_search_settings` gives) on every group that has
     them: loading a state dict brings back the checkpoint's."""
     for change in changes:
+        if change.new is None:  # the optimizer's own per-group defaults: keep the loaded ones
+            continue
         entries = ({change.key: change.new} if change.key in GROUP_KEYS else
                    lbfgs_search_settings(change.new, max_iter=max_iter)
                    if change.key == "line_search" else {})
@@ -152,7 +154,8 @@ def apply_on_resume(saved: Mapping[str, Any], current: Mapping[str, Any], *,
                     optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None, step: int,
                     total_steps: int, lr: float, build_scheduler: SchedulerFactory,
-                    report: bool) -> list[SettingChange]:
+                    report: bool, group_lrs: Sequence[float] | None = None
+                    ) -> list[SettingChange]:
     """What the trainer does right after loading a checkpoint (the rule of this module).
 
     Logs one warning per changed setting (``report``: rank 0 only), sets changed (and
@@ -167,6 +170,8 @@ def apply_on_resume(saved: Mapping[str, Any], current: Mapping[str, Any], *,
         step: the step the run resumes at.
         total_steps: this run's length in steps.
         lr: this run's peak learning rate (``--lr``, or the optimizer's default).
+        group_lrs: the peak learning rate of each param group where they differ (muon's two
+            halves); default ``lr`` for every group.
         build_scheduler: the trainer's scheduler factory.
         report: log the changes (rank 0).
 
@@ -189,7 +194,9 @@ def apply_on_resume(saved: Mapping[str, Any], current: Mapping[str, Any], *,
             and any(c.key in SCHEDULE_KEYS for c in changes)):
         before = optimizer.param_groups[0]["lr"]
         replan_schedule(scheduler, optimizer, step=step,
-                        initial_lrs=[lr] * len(optimizer.param_groups), build=build_scheduler)
+                        initial_lrs=(list(group_lrs) if group_lrs is not None
+                                     else [lr] * len(optimizer.param_groups)),
+                        build=build_scheduler)
         if report:
             logger.warning("LR schedule re-planned for a %d-step run: lr at step %d is %.6g "
                            "(the checkpoint's plan: %.6g)", total_steps, step,

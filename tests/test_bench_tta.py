@@ -84,3 +84,64 @@ def test_a_diverged_seed_does_not_stretch_the_loss_plot(tmp_path, monkeypatch) -
     assert all(p.is_file() for p in paths)
     low, high = limits["tta_t_loss_vs_steps.png"]
     assert high == pytest.approx(4 * 2.3) and 0 < low < 0.3
+
+
+def test_muon_runs_get_the_tasks_adamw_half_lr() -> None:
+    tasks = {t.name: t for t in tta.default_tasks(quick=False)}
+    flags = tasks["cnn-fmnist-b128"].extra_flags("muon")
+    assert flags[flags.index("--muon-adamw-lr") + 1] == "0.008"
+    lm = tasks["lm-pystdlib"].extra_flags("muon")
+    assert lm[lm.index("--muon-adamw-lr") + 1] == "0.01" and "--depth" in lm
+    assert "--muon-adamw-lr" not in tasks["cnn-fmnist-b128"].extra_flags("adamw")
+    digits = tasks["mlp-digits"].extra_flags("muon")  # no pinned value: Adam's middle lr
+    assert digits[digits.index("--muon-adamw-lr") + 1] == repr(tasks["mlp-digits"].grid(
+        "adam")[1])
+
+
+def test_lr_grid_option_parses_and_rejects() -> None:
+    from tools.bench import harness
+
+    assert harness._lr_grids(["sgd=0.05", "muon=0.02,0.05"]) == {"sgd": (0.05,),
+                                                                 "muon": (0.02, 0.05)}
+    for bad in ("sgd", "nope=0.1", "sgd=x", "sgd=-1"):
+        with pytest.raises(SystemExit):
+            harness._lr_grids([bad])
+
+
+@pytest.mark.timeout(300)
+def test_a_pinned_optimizer_is_not_swept(tmp_path: Path) -> None:
+    """Real (tiny) training runs through the harness: SGD pinned at one lr goes straight to
+    its final run; Muon's two lrs are swept first."""
+    task = tta.Task("tiny", "mlp", "digits", steps=4, eval_every=2, full_grid=False,
+                    seeds=(0,), lr_grid=(("sgd", (0.05,)), ("muon", (0.02, 0.05))))
+    result = tta.run_task(task, root=tmp_path, jobs=2, threads=1, optimizers=("sgd", "muon"))
+    assert sorted((r.optimizer, r.lr) for r in result["sweep"]) == [("muon", 0.02),
+                                                                    ("muon", 0.05)]
+    assert result["best_lr"]["sgd"] == 0.05 and result["best_lr"]["muon"] in (0.02, 0.05)
+    assert sorted(r.optimizer for r in result["final"]) == ["muon", "sgd"]
+    assert all(r.error is None and r.summary for r in result["final"]), result["final"]
+
+
+def test_time_to_target_is_compared_with_sgd_and_adam_on_the_same_seed() -> None:
+    task = tta.Task("t", "mlp", "digits", eval_every=10, full_grid=False, steps=30,
+                    seeds=(0, 1), targets=(0.8,))
+
+    def run(optimizer: str, seed: int, seconds_to_target: float) -> tta.RunResult:
+        evals = [{"step": 10, "epoch": 1.0, "time": seconds_to_target / 2,
+                  "test_accuracy": 0.5, "test_loss": 1.0},
+                 {"step": 20, "epoch": 2.0, "time": seconds_to_target, "test_accuracy": 0.85,
+                  "test_loss": 0.5}]
+        return tta.RunResult(optimizer=optimizer, lr=0.1, seed=seed, phase="final",
+                             evals=evals, summary={"test_accuracy": 0.85, "test_loss": 0.5,
+                                                   "train_seconds": seconds_to_target})
+
+    final = [run("sgd", 0, 10.0), run("sgd", 1, 20.0), run("adam", 0, 5.0),
+             run("adam", 1, 8.0), run("muon", 0, 4.0), run("muon", 1, 10.0)]
+    result = tta.analyse({"task": task, "best_lr": {"sgd": 0.1, "adam": 0.1, "muon": 0.1},
+                          "final": final, "sweep": [], "seconds": 1.0}, iteration_ms=None)
+    muon = result["per_optimizer"]["muon"]
+    assert (muon["time_ratio_to_sgd_80"]["min"], muon["time_ratio_to_sgd_80"]["max"]) == (
+        0.4, 0.5)
+    assert (muon["time_ratio_to_adam_80"]["min"], muon["time_ratio_to_adam_80"]["max"]) == (
+        0.8, 1.25)
+    assert result["per_optimizer"]["adam"]["time_ratio_to_adam_80"]["median"] == 1.0

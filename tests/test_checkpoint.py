@@ -29,6 +29,7 @@ import torch
 
 from mlbfgs_hpc import MLBFGS, LocalCommunicator, build_blocks
 from mlbfgs_hpc import checkpoint as ckpt
+from mlbfgs_hpc.baselines import build_baseline
 from tests.ckpt_helpers import TOOL, Stateful, flip_byte_in_dataset, tool_main
 from tests.mpi_helpers import load_module
 
@@ -64,6 +65,11 @@ def make_optimizer(kind: str, model: torch.nn.Module) -> torch.optim.Optimizer:
         return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
     if kind == "adam":
         return torch.optim.Adam(model.parameters(), lr=0.01, amsgrad=True)
+    if kind == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.01)
+    if kind == "muon":  # Muon on the hidden Linear's weight, AdamW on the rest (BN included)
+        return build_baseline("muon", model=model, params=list(model.parameters()), lr=0.02,
+                              adamw_lr=0.01, momentum=0.95, nesterov=True, weight_decay=None)
     if kind == "lbfgs":
         return torch.optim.LBFGS(model.parameters(), lr=0.5, history_size=4, max_iter=3)
     raise AssertionError(kind)
@@ -158,7 +164,7 @@ def test_resume_one_rank_is_bit_identical(tmp_path: Path) -> None:
     assert tool_main(["diff", str(tmp_path / "ref"), str(tmp_path / "res")]) == 0
 
 
-@pytest.mark.parametrize("kind", ["mlbfgs", "sgd", "adam", "lbfgs"])
+@pytest.mark.parametrize("kind", ["mlbfgs", "sgd", "adam", "adamw", "lbfgs", "muon"])
 def test_optimizers_buffers_and_scheduler_resume_exactly(kind: str, tmp_path: Path) -> None:
     """Every optimizer kind (MLBFGS blocks, torch state dicts) and BatchNorm buffers."""
     model = make_bn_model()

@@ -129,7 +129,7 @@ def _args(*argv: str) -> argparse.Namespace:
 def test_cli_defaults_and_reduce_scatter_only_for_mlbfgs() -> None:
     args = _args()
     assert (args.grad_reduce, args.node_aware, args.grad_backend) == ("allreduce", "auto",
-                                                                      "horovod")
+                                                                      "auto")
     validate_train_args(_args("--optimizer", "sgd"))  # the baselines allreduce by default
     validate_train_args(_args("--grad-reduce", "reducescatter", "--node-aware", "off"))
     with pytest.raises(UsageError, match="--grad-reduce reducescatter needs --optimizer "
@@ -157,3 +157,55 @@ def test_launcher_rank_reads_the_launcher_that_started_the_process(
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert launcher_rank() == rank
+
+
+# ---- the package's own import graph -------------------------------------------------------------
+def _comm_imports() -> dict[str, set[str]]:
+    """Module -> the ``mlbfgs_hpc.comm`` modules it imports, anywhere in the file (module
+    level, functions, ``TYPE_CHECKING`` blocks)."""
+    import ast
+    from pathlib import Path
+
+    import mlbfgs_hpc.comm as package
+
+    root = Path(package.__file__).parent
+    names = {p.stem for p in root.glob("*.py") if p.stem != "__init__"}
+    graph: dict[str, set[str]] = {}
+    for name in names:
+        tree = ast.parse((root / f"{name}.py").read_text(encoding="utf-8"))
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                if node.level == 1 and module.split(".")[0] in names:
+                    found.add(module.split(".")[0])
+                elif module.startswith("mlbfgs_hpc.comm."):
+                    found.add(module.split(".")[2])
+            elif isinstance(node, ast.Import):
+                found |= {a.name.split(".")[2] for a in node.names
+                          if a.name.startswith("mlbfgs_hpc.comm.")}
+        graph[name] = found
+    return graph
+
+
+def test_comm_modules_import_one_way() -> None:
+    """No cycle among ``mlbfgs_hpc.comm``'s modules, not even through a lazy or a
+    type-checking import: communicator -> reducer -> paths/overlapped -> protocol ->
+    topology."""
+    graph = _comm_imports()
+    assert graph["communicator"] >= {"reducer", "topology"}
+    assert {"paths", "overlapped"} <= graph["reducer"]
+    assert "communicator" not in graph["reducer"] | graph["paths"] | graph["overlapped"]
+    state: dict[str, str] = {}
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        if state.get(module) == "done":
+            return
+        assert state.get(module) != "open", f"import cycle: {' -> '.join(path + (module,))}"
+        state[module] = "open"
+        for child in sorted(graph[module]):
+            visit(child, path + (module,))
+        state[module] = "done"
+
+    for module in sorted(graph):
+        visit(module, ())

@@ -119,7 +119,7 @@ def test_grad_backend_rejected_naming_argument(value: str) -> None:
         MLBFGS([nn.Parameter(torch.zeros(3))], grad_backend=value)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("value", ["horovod", "mpi", None])
+@pytest.mark.parametrize("value", ["auto", "horovod", "mpi", None])
 def test_grad_backend_valid_values(value: str | None) -> None:
     opt = MLBFGS([nn.Parameter(torch.zeros(3))], grad_backend=value)  # type: ignore[arg-type]
     assert opt.grad_backend == value

@@ -78,3 +78,27 @@ def test_panels_follow_the_logged_keys_and_nan_is_a_gap(tmp_path: Path) -> None:
     assert mlbfgs_plot.main([str(run), "-o", str(out), "--names", "resumed"]) == 0
     assert out.read_bytes().startswith(PNG_SIGNATURE)
     assert mlbfgs_plot.main([str(tmp_path / "missing"), "-o", str(out)]) == 2
+
+
+def test_without_matplotlib_one_line_names_the_extra(tmp_path: Path) -> None:
+    """A plain install has no matplotlib: ``mlbfgs-plot`` says what to install (exit 2).
+    matplotlib is hidden, not mocked: a test-only ``matplotlib`` package placed first on
+    PYTHONPATH raises ImportError, as an absent one does."""
+    hide = tmp_path / "hide" / "matplotlib"
+    hide.mkdir(parents=True)
+    (hide / "__init__.py").write_text('raise ImportError("matplotlib hidden by the test")\n')
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps(
+        {"event": "train", "step": 1, "epoch": 0.1, "loss": 2.0, "accuracy": 0.1, "lr": 0.1,
+         "time": 0.5}) + "\n")
+    command = shutil.which("mlbfgs-plot", path=str(Path(PYTHON).parent))
+    argv = [command] if command else [PYTHON, str(REPO / "tools" / "mlbfgs_plot.py")]
+    env = train_env(PYTHONPATH=f"{hide.parent}:{REPO}")
+    proc = subprocess.run([*argv, str(run), "-o", str(tmp_path / "x.png")], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        'mlbfgs-plot: error: needs matplotlib, which a plain install of mlbfgs-hpc leaves out: '
+        'pip install "mlbfgs-hpc[plot]"'], proc.stderr
+    assert not (tmp_path / "x.png").exists()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -225,6 +226,27 @@ def test_diverged_run_exits_3_naming_the_last_good_checkpoint(tmp_path: Path) ->
                                      for k in ("weight", "bias")],
                       "last_good_checkpoint": str(good)}
     assert not (run / "checkpoints" / "step-000031").exists()
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_today_peers_resume_bit_for_bit(optimizer: str, tmp_path: Path) -> None:
+    """AdamW and Muon (+ AdamW for the rest) through ``mlbfgs-train``: a run resumed from its
+    mid-run checkpoint ends bit for bit where an uninterrupted run does."""
+    flags = ("--steps", "16", "--optimizer", optimizer)
+    straight = trained(tmp_path, "straight", *flags)
+    run = trained(tmp_path, "run", *flags, "--checkpoint-every", "8")
+    shutil.rmtree(run / "checkpoints" / "step-000016")  # as if it stopped after step 8
+    code, out = run_training([*ARGS, "--run-dir", str(run), *flags],
+                             log=tmp_path / "resume.log")
+    assert code == 0, out[-3000:]
+    assert "resumed from" in out and "at step 8" in out, out[-3000:]
+    proc = ckpt_tool("diff", str(straight), str(run))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[-1].startswith("identical (bitwise): ")
+    with CheckpointReader(path=straight) as reader:
+        assert reader.manifest["optimizer"]["class"].endswith(
+            "MuonWithAdamW" if optimizer == "muon" else "AdamW")
 
 
 @pytest.mark.parametrize("new_momentum", [0.9, 0.5])

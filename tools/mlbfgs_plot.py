@@ -16,7 +16,8 @@ step (or the training time with ``--x time``, or the closure evaluations of a PI
 resumed logs some steps twice; the later record of a step wins, which is the timeline the
 run's final state comes from.
 
-Exit codes: 0 written, 2 a run directory without metrics (or a bad argument).
+Exit codes: 0 written, 2 a run directory without metrics, a bad argument, or no matplotlib
+(a plain install leaves it out: ``pip install "mlbfgs-hpc[plot]"``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+#: What to install when matplotlib is missing (setup.cfg's extra of that name).
+PLOT_EXTRA = 'pip install "mlbfgs-hpc[plot]"'
 #: Keys of ``train`` records that are not optimizer counters.
 STANDARD_KEYS: frozenset[str] = frozenset({"event", "step", "epoch", "loss", "accuracy", "lr",
                                            "time", "func_evals"})
@@ -210,6 +213,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = [read_run(d, name=n) for d, n in zip(args.run_dirs, names)]
     except MetricsError as exc:
         print(f"mlbfgs-plot: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        import matplotlib  # noqa: F401 - the one optional dependency, checked up front
+    except ImportError:
+        print(f"mlbfgs-plot: error: needs matplotlib, which a plain install of mlbfgs-hpc "
+              f"leaves out: {PLOT_EXTRA}", file=sys.stderr)
         return 2
     titles = plot_runs(runs, args.out, x=args.x)
     print(f"wrote {args.out}: {len(runs)} run(s), panels: {', '.join(titles)}")

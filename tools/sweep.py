@@ -30,6 +30,9 @@ from bench.tta_runs import run_many  # noqa: E402
 
 logger = logging.getLogger("sweep")
 
+#: lr of a variant that sets none (the research sweeps' own defaults; Muon's: torch's example).
+_DEFAULT_LR = {"sgd": 0.05, "adam": 2.5e-3, "adamw": 2.5e-3, "muon": 0.02}
+
 
 def _spec(name: str, flags: list[str], seed: int, out: Path, stop_at: int | None
           ) -> dict[str, Any]:
@@ -40,8 +43,7 @@ def _spec(name: str, flags: list[str], seed: int, out: Path, stop_at: int | None
     parsed.add_argument("--lr", type=float, default=None)
     parsed.add_argument("--eval-every", type=int, default=117)
     known, extra = parsed.parse_known_args(flags)
-    lr = known.lr if known.lr is not None else (0.05 if known.optimizer == "sgd" else
-                                                2.5e-3 if known.optimizer == "adam" else 0.1)
+    lr = known.lr if known.lr is not None else _DEFAULT_LR.get(known.optimizer, 0.1)
     run_dir = out / "runs" / f"{name}_s{seed}"
     return {"task": f"{known.model}-{known.dataset}", "optimizer": known.optimizer,
             "phase": name, "stop_at": stop_at, "args": {

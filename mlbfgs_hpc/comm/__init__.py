@@ -9,9 +9,13 @@
 * :class:`GradientReducer` (:mod:`.reducer`): averages the gradients, either to every rank
   (``allreduce``) or only to the rank that owns each block (``reducescatter``: half the
   bytes), with Horovod (launched from post-accumulate-grad hooks, overlapping the backward
-  pass) or with ``mpi4py``. Its paths: :mod:`.paths` (after the backward pass, and
-  Horovod's allreduce) and :mod:`.overlapped` (Horovod's reduce-scatter, one owner at a
+  pass) or with ``mpi4py``; ``backend="auto"`` (the default) takes Horovod where it imports
+  on every rank, ``mpi4py`` otherwise. Its paths: :mod:`.paths` (after the backward pass,
+  and Horovod's allreduce) and :mod:`.overlapped` (Horovod's reduce-scatter, one owner at a
   time from the hooks).
+* :mod:`.protocol`: the communicator as the reducer and its paths see it (a type), so that
+  the imports run one way: ``communicator`` → ``reducer`` → ``paths``/``overlapped`` →
+  ``protocol`` → ``topology``.
 * :mod:`.topology`: pure functions for the node-aware path (host-major offsets).
 
 One mL-BFGS step, flat (one rank per host, or ``--node-aware off``)::
@@ -62,6 +66,7 @@ from .communicator import (
     launched_by_mpi,
     tensor_digest,
 )
+from .protocol import GradientComm
 from .reducer import (
     GRAD_BACKENDS,
     GRAD_REDUCE_MODES,
@@ -72,7 +77,8 @@ from .reducer import (
 from .topology import HostLayout, NodePlan, node_plan
 
 __all__ = [
-    "GRAD_BACKENDS", "GRAD_REDUCE_MODES", "GradBackend", "GradReduce", "GradientReducer",
+    "GRAD_BACKENDS", "GRAD_REDUCE_MODES", "GradBackend", "GradReduce", "GradientComm",
+    "GradientReducer",
     "HostLayout", "LauncherError", "LocalCommunicator", "MPICommunicator", "NodePlan",
     "init_communicator",
     "launched_by_mpi", "node_plan", "tensor_digest",

@@ -18,15 +18,13 @@ import sys
 import traceback
 import zlib
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from .reducer import GradBackend, GradientReducer, GradReduce
 from .topology import HostLayout, NodePlan, node_plan
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .reducer import GradBackend, GradientReducer, GradReduce
 
 logger = logging.getLogger(__name__)
 
@@ -89,12 +87,16 @@ class LocalCommunicator:
     def abort(self, code: int = 1) -> None:
         os._exit(code)
 
+    def grad_backend_for(self, requested: str, *, on_gpu: bool) -> str:
+        """The gradient backend ``requested`` stands for (one rank: reduces nothing, so it
+        is returned as it is)."""
+        del on_gpu
+        return requested
+
     def gradient_reducer(self, named_params: Sequence[tuple[str, torch.Tensor]], *,
-                         backend: GradBackend = "horovod", mode: GradReduce = "allreduce",
+                         backend: GradBackend = "auto", mode: GradReduce = "allreduce",
                          **kwargs: Any) -> GradientReducer:
         """A :class:`~mlbfgs_hpc.comm.GradientReducer` on this communicator."""
-        from .reducer import GradientReducer
-
         return GradientReducer(comm=self, named_params=named_params, backend=backend,
                                mode=mode, **kwargs)
 
@@ -128,6 +130,7 @@ class MPICommunicator(LocalCommunicator):
         self.layout = HostLayout(tuple(self._comm.allgather(self.host_index)))
         self.hostname = MPI.Get_processor_name()
         self._hvd: Any = None
+        self._auto_backend: dict[bool, str] = {}
         self._hvd_host_set: Any = None
         self._hvd_leaders_set: Any = None
         self._plans: dict[tuple[tuple[int, ...], tuple[int, ...]], NodePlan] = {}
@@ -136,6 +139,29 @@ class MPICommunicator(LocalCommunicator):
             _install_abort_hook(self.abort, self.rank)
 
     # ---- Horovod ------------------------------------------------------------------------
+    def grad_backend_for(self, requested: str, *, on_gpu: bool) -> str:
+        """The gradient backend ``requested`` stands for: ``"auto"`` is ``"horovod"`` when
+        ``horovod.torch`` imports on every rank (built with GPU operations, if ``on_gpu``),
+        ``"mpi"`` otherwise.
+
+        Collective for ``"auto"`` the first time (per ``on_gpu``): every rank must take the
+        same backend, or their collectives would never pair up. Rank 0 logs the choice once.
+        """
+        if requested != "auto":
+            return requested
+        if on_gpu not in self._auto_backend:
+            problems = self._comm.allgather(_horovod_problem(on_gpu=on_gpu))
+            failed = [(rank, why) for rank, why in enumerate(problems) if why]
+            choice = "mpi" if failed else "horovod"
+            if self.rank == 0:
+                if failed:
+                    logger.info("gradient backend auto: mpi (Horovod is not usable on %d of "
+                                "%d ranks; rank %d: %s)", len(failed), self.size, *failed[0])
+                else:
+                    logger.info("gradient backend auto: horovod")
+            self._auto_backend[on_gpu] = choice
+        return self._auto_backend[on_gpu]
+
     def horovod(self) -> Any:
         """``horovod.torch``, initialised once on a duplicate of ``COMM_WORLD``.
 
@@ -147,8 +173,8 @@ class MPICommunicator(LocalCommunicator):
                 import horovod.torch as hvd
             except ImportError as exc:  # pragma: no cover - depends on the installation
                 raise RuntimeError(
-                    "grad backend 'horovod' needs horovod.torch (run tools/bootstrap.sh, or "
-                    "choose --grad-backend mpi)") from exc
+                    "grad backend 'horovod' needs horovod.torch (install Horovod, or choose "
+                    "--grad-backend auto or mpi)") from exc
             layout = self.layout
             sets = None
             if layout.node_aware_pays:
@@ -374,6 +400,17 @@ def init_communicator(*, abort_on_exception: bool = True) -> LocalCommunicator:
                  comm.size, comm.hostname, comm.host_index, comm.layout.hosts,
                  comm.local_rank, comm.local_size)
     return comm
+
+
+def _horovod_problem(*, on_gpu: bool) -> str | None:
+    """Why Horovod cannot average these gradients here (``None``: it can)."""
+    try:
+        import horovod.torch as hvd
+    except Exception as exc:  # noqa: BLE001 - any failure to import means "not usable"
+        return f"horovod.torch does not import ({type(exc).__name__}: {exc})"
+    if on_gpu and not (hvd.cuda_built() or hvd.rocm_built()):
+        return "this Horovod was built without GPU operations"
+    return None
 
 
 def tensor_digest(tensors: Iterable[torch.Tensor]) -> int:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .communicator import LocalCommunicator
+from .protocol import GradientComm
 from .paths import _grad_or_zeros, _HorovodAllreduce, _Packed, _Path
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -108,9 +108,9 @@ class _HorovodOwnerReduce(_Path):
 
     uses_hooks = True
 
-    def __init__(self, comm: LocalCommunicator, params: list[torch.Tensor],
+    def __init__(self, comm: GradientComm, params: list[torch.Tensor],
                  ownership: Ownership) -> None:
-        hvd = comm.horovod()  # type: ignore[attr-defined]
+        hvd = comm.horovod()
         self.params = params
         self.rank = comm.rank
         self.runs = _RunsToOwners(
@@ -154,20 +154,20 @@ class _HorovodNodeOwnerReduce(_Path):
 
     uses_hooks = True
 
-    def __init__(self, comm: LocalCommunicator, params: list[torch.Tensor],
+    def __init__(self, comm: GradientComm, params: list[torch.Tensor],
                  ownership: Ownership, *, plan: NodePlan, intra: _HorovodAllreduce) -> None:
-        hvd = comm.horovod()  # type: ignore[attr-defined]
+        hvd = comm.horovod()
         self.comm, self.hvd, self.params, self.plan, self.intra = comm, hvd, params, plan, intra
-        self.leader: bool = comm.is_host_leader  # type: ignore[attr-defined]
+        self.leader: bool = comm.is_host_leader
         self.out = params[0].new_zeros(ownership.counts[comm.rank])
         self.runs: _RunsToOwners | None = None
         self.last_sent_in_hooks = 0
         if self.leader:
-            host = comm.host_index  # type: ignore[attr-defined]
+            host = comm.host_index
             self.runs = _RunsToOwners(
                 hvd=hvd, params=params, ownership=ownership, base=plan.packed_offsets,
                 root_of_rank=comm.layout.host_of_rank, my_set_rank=host,
-                process_set=comm.horovod_leaders_set(),  # type: ignore[attr-defined]
+                process_set=comm.horovod_leaders_set(),
                 set_size=comm.layout.hosts, prefix="grad.host_owner")
             # The host's run (host-major), and in it the slice of each of the host's ranks.
             self.share = params[0].new_zeros(plan.host_counts[host])
@@ -213,5 +213,5 @@ class _HorovodNodeOwnerReduce(_Path):
             self.runs.collect(self.slices)
             share = self.share
         self._reset()
-        self.comm.host_scatterv_(share, self.out, self.plan)  # type: ignore[attr-defined]
+        self.comm.host_scatterv_(share, self.out, self.plan)
         return self.out

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .communicator import LocalCommunicator
+from .protocol import GradientComm
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..partition import Ownership
@@ -80,7 +80,7 @@ class _HorovodAllreduce(_Path):
 class _MpiAllreduce(_Path):
     """One flat ``Allreduce`` (sum) after the backward pass, divided by the world size."""
 
-    def __init__(self, comm: LocalCommunicator, params: list[torch.Tensor]) -> None:
+    def __init__(self, comm: GradientComm, params: list[torch.Tensor]) -> None:
         self.comm, self.params = comm, params
         self.flat = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype,
                                 device=params[0].device)
@@ -92,7 +92,7 @@ class _MpiAllreduce(_Path):
     def finish(self) -> None:
         grads = [_grad_or_zeros(p) for p in self.params]
         torch._foreach_copy_(self.views, [g.reshape(-1) for g in grads])
-        self.comm.allreduce_sum_(self.flat)  # type: ignore[attr-defined]
+        self.comm.allreduce_sum_(self.flat)
         self.flat.div_(self.comm.size)
         torch._foreach_copy_([g.view(-1) for g in grads], self.views)
         return None
@@ -128,7 +128,7 @@ class _Packed:
 class _FlatReduceScatter(_Path):
     """``Reduce_scatter`` over all ranks with the ownership counts, after the backward pass."""
 
-    def __init__(self, comm: LocalCommunicator, params: list[torch.Tensor],
+    def __init__(self, comm: GradientComm, params: list[torch.Tensor],
                  ownership: Ownership, base: Sequence[int]) -> None:
         self.comm, self.counts = comm, ownership.counts
         self.packed = _Packed(params, ownership, base, ownership.total_numel)
@@ -140,7 +140,7 @@ class _FlatReduceScatter(_Path):
 
     def finish(self) -> torch.Tensor:
         self.packed.fill()
-        self.comm.reduce_scatter_sum_(self.packed.buffer, self.out,  # type: ignore[attr-defined]
+        self.comm.reduce_scatter_sum_(self.packed.buffer, self.out,
                                       self.counts)
         return self.out
 
@@ -152,7 +152,7 @@ class _NodeReduceScatter(_FlatReduceScatter):
     already in every ``.grad`` when :meth:`finish` runs); ``None``: an MPI ``Reduce``.
     """
 
-    def __init__(self, comm: LocalCommunicator, params: list[torch.Tensor],
+    def __init__(self, comm: GradientComm, params: list[torch.Tensor],
                  ownership: Ownership, base: Sequence[int], *, plan: Any,
                  intra: _HorovodAllreduce | None) -> None:
         super().__init__(comm, params, ownership, base)
@@ -171,9 +171,9 @@ class _NodeReduceScatter(_FlatReduceScatter):
         if self.intra is not None:
             self.intra.finish()
         host_summed = self.intra is not None or self.comm.local_size == 1
-        if self.comm.is_host_leader or not host_summed:  # type: ignore[attr-defined]
+        if self.comm.is_host_leader or not host_summed:
             self.packed.fill()   # a non-leader's host sum is not needed by anyone
-        self.comm.node_reduce_scatter_sum_(  # type: ignore[attr-defined]
+        self.comm.node_reduce_scatter_sum_(
             self.packed.buffer, self.out, self.plan, host_summed=host_summed)
         return self.out
 
@@ -188,10 +188,10 @@ class _HorovodReduceScatter(_Path):
 
     uses_hooks = True
 
-    def __init__(self, comm: LocalCommunicator, params: list[torch.Tensor],
+    def __init__(self, comm: GradientComm, params: list[torch.Tensor],
                  ownership: Ownership) -> None:
         self.comm, self.params = comm, params
-        self.hvd = comm.horovod()  # type: ignore[attr-defined]
+        self.hvd = comm.horovod()
         self.width = max(ownership.counts)
         rows = [r * self.width for r in range(comm.size)]
         self.packed = _Packed(params, ownership, rows, comm.size * self.width)

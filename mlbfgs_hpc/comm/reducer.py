@@ -44,7 +44,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from .communicator import LocalCommunicator
 from .overlapped import _HorovodNodeOwnerReduce, _HorovodOwnerReduce
 from .paths import (
     _FlatReduceScatter,
@@ -54,14 +53,17 @@ from .paths import (
     _NodeReduceScatter,
     _Path,
 )
+from .protocol import GradientComm
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..partition import Ownership
 
 logger = logging.getLogger(__name__)
 
-GradBackend = Literal["horovod", "mpi"]
-GRAD_BACKENDS: tuple[str, ...] = ("horovod", "mpi")
+GradBackend = Literal["auto", "horovod", "mpi"]
+#: ``auto`` (the default): Horovod where it imports on every rank (and, for parameters on a
+#: GPU, was built with GPU operations), ``mpi`` otherwise.
+GRAD_BACKENDS: tuple[str, ...] = ("auto", "horovod", "mpi")
 GradReduce = Literal["allreduce", "reducescatter"]
 GRAD_REDUCE_MODES: tuple[str, ...] = ("allreduce", "reducescatter")
 
@@ -74,8 +76,12 @@ class GradientReducer:
         named_params: the parameters whose gradients are averaged, with stable names (they
             name the Horovod collectives, so ranks can never pair up different tensors). For
             ``reducescatter`` they must be in the layout order of ``ownership``'s flat vector.
-        backend: ``"horovod"`` (hook-launched, overlapping the backward pass) or ``"mpi"``
-            (``mpi4py`` collectives in :meth:`synchronize`).
+        backend: ``"horovod"`` (hook-launched, overlapping the backward pass), ``"mpi"``
+            (``mpi4py`` collectives in :meth:`synchronize`) or ``"auto"`` (the default):
+            Horovod where ``horovod.torch`` imports on every rank (and has GPU operations,
+            for parameters on a GPU), ``mpi`` otherwise; the choice is logged once, by rank 0.
+            :attr:`backend` is the backend taken (``"auto"`` stays on one rank, which
+            reduces nothing).
         mode: ``"allreduce"`` (``.grad`` averaged on every rank) or ``"reducescatter"``
             (:attr:`owned_grad`: the average of this rank's slice only).
         ownership: the slices of the flat gradient per rank; required for ``reducescatter``.
@@ -97,9 +103,9 @@ class GradientReducer:
             ownership table that covers exactly the parameters.
     """
 
-    def __init__(self, *, comm: LocalCommunicator,
+    def __init__(self, *, comm: GradientComm,
                  named_params: Sequence[tuple[str, torch.Tensor]],
-                 backend: GradBackend = "horovod", mode: GradReduce = "allreduce",
+                 backend: GradBackend = "auto", mode: GradReduce = "allreduce",
                  ownership: Ownership | None = None, node_aware: bool | None = None,
                  overlap: bool = True) -> None:
         if backend not in GRAD_BACKENDS:
@@ -118,7 +124,7 @@ class GradientReducer:
                 + ("none" if ownership is None else
                    f"{ownership.total_numel} elements on {ownership.world_size} ranks"))
         self.comm = comm
-        self.backend = backend
+        self.backend: str = backend
         self.mode = mode
         self.named_params = list(named_params)
         self.node_aware = mode == "reducescatter" and comm.resolve_node_aware(node_aware)
@@ -132,9 +138,10 @@ class GradientReducer:
         if comm.size == 1:
             return
         params = [p for _, p in self.named_params]
+        on_gpu = any(p.device.type == "cuda" for p in params)
+        self.backend = backend = comm.grad_backend_for(backend, on_gpu=on_gpu)
         if backend == "horovod":
-            hvd = comm.horovod()  # type: ignore[attr-defined]
-            on_gpu = any(p.device.type == "cuda" for p in params)
+            hvd = comm.horovod()
             if on_gpu and not (hvd.cuda_built() or hvd.rocm_built()):
                 # tools/bootstrap.sh builds Horovod with CPU operations only; Horovod itself
                 # would fail later, inside its background thread, with a less clear message.
@@ -151,21 +158,21 @@ class GradientReducer:
         comm, names = self.comm, [f"grad.{name}" for name, _ in self.named_params]
         if self.mode == "allreduce":
             if self.backend == "horovod":
-                hvd = comm.horovod()  # type: ignore[attr-defined]
+                hvd = comm.horovod()
                 return _HorovodAllreduce(hvd, params, names, op=hvd.Average)
             return _MpiAllreduce(comm, params)
         assert ownership is not None
         if self.node_aware:
-            plan = comm.node_plan(ownership.counts, ownership.offsets)  # type: ignore[attr-defined]
+            plan = comm.node_plan(ownership.counts, ownership.offsets)
             intra = None
             if self.backend == "horovod":
-                host_set = comm.horovod_host_set()  # type: ignore[attr-defined]
+                host_set = comm.horovod_host_set()
                 if host_set is not None:
-                    hvd = comm.horovod()  # type: ignore[attr-defined]
+                    hvd = comm.horovod()
                     intra = _HorovodAllreduce(hvd, params, [f"grad.host.{n}" for n, _ in
                                                             self.named_params],
                                               op=hvd.Sum, process_set=host_set)
-                    leaders = comm.horovod_leaders_set()  # type: ignore[attr-defined]
+                    leaders = comm.horovod_leaders_set()
                     if self.overlap and leaders is not None:
                         return _HorovodNodeOwnerReduce(comm, params, ownership, plan=plan,
                                                        intra=intra)
@@ -175,7 +182,7 @@ class GradientReducer:
             if self.overlap:
                 return _HorovodOwnerReduce(comm, params, ownership)
             if comm.size * max(ownership.counts) > 2 * ownership.total_numel:
-                hvd = comm.horovod()  # type: ignore[attr-defined]
+                hvd = comm.horovod()
                 return _HorovodAllreduce(hvd, params, names, op=hvd.Average,
                                          why="instead of a reducescatter padded to "
                                              f"{comm.size} x {max(ownership.counts)} elements")

@@ -1,7 +1,8 @@
-"""The training driver as the benchmarks use it: one :class:`BenchTrainer`, five optimizers.
+"""The training driver as the benchmarks use it: one :class:`BenchTrainer`, seven optimizers.
 
 Fairness is the point of this module. Every optimizer, the driver's own (``mlbfgs``, ``sgd``,
-``adam``, ``lbfgs``) and the outside second-order peer (``shampoo``: pytorch-optimizer's
+``adam``, ``lbfgs``, ``adamw`` and ``muon``: torch's Muon with AdamW for what Muon is not
+meant for) and the outside second-order peer (``shampoo``: pytorch-optimizer's
 ``ScalableShampoo``), runs through the *same* :class:`mlbfgs_hpc.train.Trainer`: the same
 data (``GlobalBatchSampler`` order for the seed), the same model and initialisation, the same
 loss scaling, the same cosine schedule, the same evaluation, the same ``metrics.jsonl``.
@@ -32,7 +33,7 @@ from mlbfgs_hpc.train import Trainer, build_parser
 logger = logging.getLogger(__name__)
 
 #: Optimizers the benchmarks compare, in report order.
-OPTIMIZERS: tuple[str, ...] = ("mlbfgs", "sgd", "adam", "lbfgs", "shampoo")
+OPTIMIZERS: tuple[str, ...] = ("mlbfgs", "sgd", "adam", "lbfgs", "shampoo", "adamw", "muon")
 #: Curvature refresh period shared by mL-BFGS (T) and Shampoo (preconditioner recompute).
 CURVATURE_PERIOD = 50
 

@@ -18,7 +18,8 @@ scaling        mpirun -np 1/2/4: per-rank optimizer state and step pieces vs the
                Horovod vs mpi4py gradient backend
 checkpoint     ``checkpoint`` module: checkpoint size, write and read time vs disk speed
 tta            time-to-accuracy (85/88/90 %) on digits/MLP and Fashion-MNIST/CNN vs SGD,
-               Adam, stochastic L-BFGS and pytorch-optimizer's ScalableShampoo
+               Adam, AdamW, torch's Muon, stochastic L-BFGS and pytorch-optimizer's
+               ScalableShampoo (``--optimizers``, ``--lr-grid``: a subset, pinned lrs)
 =============  ============================================================================
 
 Writes into ``--out``: ``results.json`` (everything, with the machine, versions, commands
@@ -30,6 +31,7 @@ reported as median [first–third quartile] over repeats.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import logging
@@ -46,6 +48,7 @@ from typing import Any
 from mlbfgs_hpc.config import MLBFGSConfig
 
 from . import common
+from .driver import OPTIMIZERS
 from .report import summary_markdown
 
 logger = logging.getLogger("bench")
@@ -74,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated time-to-accuracy tasks of tools/bench/tta.py: "
                         "mlp-digits, cnn-fmnist-b128, cnn-fmnist-b1024, cnn-fmnist-b4096, "
                         "lm-pystdlib, resnet18w8-fmnist")
+    p.add_argument("--optimizers", default=",".join(OPTIMIZERS),
+                   help="comma-separated optimizers of the tta and overhead sections (the "
+                        "overhead section always times mlbfgs and sgd too)")
+    p.add_argument("--lr-grid", action="append", default=[], metavar="OPT=LR[,LR...]",
+                   help="the tta section's lr grid for OPT on every task selected (repeat "
+                        "per optimizer); one lr pins it: no sweep, final runs at that lr")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite summary.md from an existing --out/results.json, run nothing")
     p.add_argument("--assets", default=None,
@@ -89,6 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"--only: unknown section(s) {unknown}; choose from {SECTIONS}")
     if args.threads < 1 or args.jobs < 1:
         raise SystemExit("--threads and --jobs must be >= 1")
+    args.optimizers = tuple(o.strip() for o in args.optimizers.split(",") if o.strip())
+    if not args.optimizers or set(args.optimizers) - set(OPTIMIZERS):
+        raise SystemExit(f"--optimizers: choose from {','.join(OPTIMIZERS)}")
+    args.lr_grid = _lr_grids(args.lr_grid)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("mlbfgs_hpc").setLevel(logging.WARNING)
@@ -144,6 +157,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _lr_grids(items: Sequence[str]) -> dict[str, tuple[float, ...]]:
+    """``--lr-grid`` values (``OPT=LR[,LR...]``) as ``{optimizer: lrs}``."""
+    grids: dict[str, tuple[float, ...]] = {}
+    for item in items:
+        name, _, values = item.partition("=")
+        try:
+            lrs = tuple(float(v) for v in values.split(","))
+        except ValueError:
+            lrs = ()
+        if name not in OPTIMIZERS or not lrs or any(lr <= 0 for lr in lrs):
+            raise SystemExit(f"--lr-grid {item!r}: expected OPT=LR[,LR...] with OPT one of "
+                             f"{','.join(OPTIMIZERS)} and lrs > 0")
+        grids[name] = lrs
+    return grids
+
+
 def _copy_assets(assets: str | None, pngs: list[Path]) -> None:
     if not assets:
         return
@@ -159,7 +188,8 @@ def _overhead(args: argparse.Namespace, out: Path, results: dict[str, Any],
               earlier: dict[str, Any]) -> tuple[dict[str, Any], list[Path]]:
     bench_overhead = _sibling("overhead")
 
-    res = bench_overhead.run(quick=args.quick, threads=args.threads)
+    timed = tuple(dict.fromkeys(("mlbfgs", "sgd", *args.optimizers)))
+    res = bench_overhead.run(quick=args.quick, threads=args.threads, optimizers=timed)
     rows = []
     for cfg in res["configs"]:
         for opt, stat in cfg["ratio_to_sgd"].items():
@@ -270,8 +300,11 @@ def _tta(args: argparse.Namespace, out: Path, results: dict[str, Any],
     rows: list[dict[str, Any]] = []
     pngs: list[Path] = []
     for task in bench_tta.default_tasks(quick=args.quick, names=tuple(args.tasks.split(","))):
+        if args.lr_grid:
+            grids = {o: task.grid(o) for o in OPTIMIZERS} | args.lr_grid
+            task = dataclasses.replace(task, lr_grid=tuple(grids.items()))
         task_result = bench_tta.run_task(task, root=out / "tta", jobs=args.jobs,
-                                         threads=args.threads)
+                                         threads=args.threads, optimizers=args.optimizers)
         res["tasks"].append(bench_tta.analyse(
             task_result, iteration_ms=iteration.get((task.model, task.dataset))))
         rows += bench_tta.csv_rows(task_result)

@@ -55,7 +55,8 @@ CONFIGS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
 )
 #: Learning rates for the timing runs (the driver's defaults; timing does not depend on them
 #: as long as nothing diverges, which the result records).
-TIMING_LR = {"mlbfgs": 0.1, "sgd": 0.05, "adam": 1e-3, "lbfgs": 0.1, "shampoo": 0.05}
+TIMING_LR = {"mlbfgs": 0.1, "sgd": 0.05, "adam": 1e-3, "lbfgs": 0.1, "shampoo": 0.05,
+             "adamw": 1e-3, "muon": 0.02}
 HISTORY = 10
 
 _PIECES = ("gather", "weight decay", "momentum update", "pair update", "H·g",

@@ -192,10 +192,12 @@ def _md_tta(res: dict[str, Any]) -> str:
                              f(e[f"steps_to_{k}"], digits=0),
                              f(e[f"epochs_to_{k}"], digits=2), f(e[f"seconds_to_{k}"], digits=2),
                              f(e[f"time_ratio_to_sgd_{k}"], digits=2),
-                             f(e.get(f"norm_time_ratio_to_sgd_{k}", {}), digits=2)])
+                             f(e.get(f"norm_time_ratio_to_sgd_{k}", {}), digits=2),
+                             f(e.get(f"time_ratio_to_adam_{k}", {}), digits=2)])
         out.append(common.markdown_table(
             ["target", "optimizer", "seeds reaching", "steps", "epochs", "seconds (raw)",
-             "time / SGD (raw, same seed)", "time / SGD (normalised)"], rows))
+             "time / SGD (raw, same seed)", "time / SGD (normalised)",
+             "time / Adam (raw, same seed)"], rows))
         counters = t["per_optimizer"].get("mlbfgs", {}).get("counters")
         if counters:
             nus = [c["last_nu"] for c in counters.values() if c.get("last_nu") is not None]

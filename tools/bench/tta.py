@@ -1,4 +1,4 @@
-"""Time-to-accuracy: mL-BFGS against SGD-momentum, Adam, stochastic L-BFGS and Shampoo.
+"""Time-to-accuracy: mL-BFGS against SGD-momentum, Adam, AdamW, Muon, L-BFGS and Shampoo.
 
 Every run goes through the training driver (:class:`driver.BenchTrainer`: the real
 ``mlbfgs_hpc.train.Trainer``), global batch 128, cosine schedule over the run, one process
@@ -8,7 +8,8 @@ only schedules runs and reads those files back.
 Protocol (the same budget for every optimizer):
 
 * **lr sweep**: 3 learning rates per optimizer (:data:`LR_GRID`: one shared grid for the
-  SGD-scaled optimizers, one for Adam).
+  SGD-scaled optimizers, one for Adam and AdamW, one for Muon's own lr); an optimizer whose
+  grid has one lr (``--lr-grid``: pinned at a best lr found before) is not swept.
 * **digits / MLP** (11 steps per epoch): the full grid, 3 lrs × 3 seeds, evaluation after
   every step; the best lr per optimizer is the one with the fewest median steps to 90 %
   (ties and "never": the highest median final accuracy).
@@ -122,13 +123,17 @@ def run_task(task: Task, *, root: Path, jobs: int, threads: int,
     stop_at = None if task.full_grid else max(1, round(task.sweep_fraction
                                                        * task.total_steps()))
     if task.sweep:
+        # An optimizer with one lr in its grid (pinned, e.g. at a best lr found earlier) has
+        # nothing to choose: it goes straight to the final runs.
+        swept = tuple(opt for opt in optimizers if task.full_grid or len(task.grid(opt)) > 1)
         sweep_specs = _interleave({
             opt: [_spec(task, opt, lr, seed, phase="sweep", root=root, threads=threads,
                         stop_at=stop_at)
                   for seed in sweep_seeds for lr in task.grid(opt)]
-            for opt in optimizers})
+            for opt in swept}) if swept else []
         sweep = run_many(sweep_specs, jobs=jobs)
-        best = {opt: _best_lr(task, sweep, opt) for opt in optimizers}
+        best = {opt: _best_lr(task, sweep, opt) if opt in swept else task.grid(opt)[0]
+                for opt in optimizers}
     else:
         sweep = []
         best = {opt: task.grid(opt)[len(task.grid(opt)) // 2] for opt in optimizers}

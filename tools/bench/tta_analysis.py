@@ -68,19 +68,20 @@ def analyse(task_result: dict[str, Any], *, iteration_ms: dict[str, float] | Non
                 entry[f"norm_seconds_to_{key}"] = common.summarize(
                     normalised_seconds(opt, s, iteration_ms) for s in steps)
             sgd_runs = by_opt.get("sgd", {})
-            raw_ratio, norm_ratio = [], []
+            norm_ratio = []
             for s, h in reached.items():
                 sgd_hit = (sgd_runs[s].first_reaching(target, task.metric) if s in sgd_runs
                            else None)
-                if sgd_hit is None:
-                    continue
-                raw_ratio.append(h["time"] / sgd_hit["time"])
-                if iteration_ms and opt in iteration_ms:
+                if sgd_hit is not None and iteration_ms and opt in iteration_ms:
                     norm_ratio.append(normalised_seconds(opt, h["step"], iteration_ms)
                                       / normalised_seconds("sgd", sgd_hit["step"],
                                                            iteration_ms))
-            entry[f"time_ratio_to_sgd_{key}"] = common.summarize(raw_ratio)
+            entry[f"time_ratio_to_sgd_{key}"] = common.summarize(
+                _same_seed_ratios(reached, sgd_runs, target, task.metric))
             entry[f"norm_time_ratio_to_sgd_{key}"] = common.summarize(norm_ratio)
+            # Against Adam too (the strongest baseline of the tables), same seed, raw clocks.
+            entry[f"time_ratio_to_adam_{key}"] = common.summarize(
+                _same_seed_ratios(reached, by_opt.get("adam", {}), target, task.metric))
         per_opt[opt] = entry
     return {"task": task.name, "model": task.model, "dataset": task.dataset,
             "epochs": task.epochs, "steps": task.total_steps(), "batch_size": task.batch_size,
@@ -94,6 +95,18 @@ def analyse(task_result: dict[str, Any], *, iteration_ms: dict[str, float] | Non
             "lr_grid": {o: list(task.grid(o)) for o in per_opt}, "best_lr": task_result[
                 "best_lr"], "per_optimizer": per_opt, "seconds": task_result["seconds"],
             "sweep": [_run_row(r) for r in task_result["sweep"]]}
+
+
+def _same_seed_ratios(reached: dict[int, dict[str, float]], reference: dict[int, RunResult],
+                      target: float, metric: str) -> list[float]:
+    """Per seed that both reached ``target``: training seconds over the reference run's."""
+    ratios = []
+    for seed, hit in reached.items():
+        ref_hit = (reference[seed].first_reaching(target, metric) if seed in reference
+                   else None)
+        if ref_hit is not None:
+            ratios.append(hit["time"] / ref_hit["time"])
+    return ratios
 
 
 def _run_row(r: RunResult) -> dict[str, Any]:

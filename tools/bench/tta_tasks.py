@@ -19,12 +19,19 @@ DIGITS_TARGETS: tuple[float, ...] = (0.85, 0.88, 0.90, 0.95, 0.97)
 #: first curvature pair (step 2T) and Shampoo is SGD-grafted, so SGD, mL-BFGS, Shampoo and
 #: L-BFGS share one grid (bracketing the driver's SGD default 0.05); Adam has its own scale.
 _SGD_LIKE = (0.025, 0.06, 0.15)
+_ADAM = (4e-4, 1e-3, 2.5e-3)
+#: Muon's own lr (its hidden matrices, before torch's per-shape adjustment): ×2–2.5 apart from
+#: torch's documented example, 0.02, upwards (an orthogonalised step of a wide matrix moves each
+#: entry by about lr/√(larger side), less than Adam's lr does).
+_MUON = (0.02, 0.05, 0.1)
 LR_GRID: dict[str, tuple[float, ...]] = {
     "mlbfgs": _SGD_LIKE,
     "sgd": _SGD_LIKE,
-    "adam": (4e-4, 1e-3, 2.5e-3),
+    "adam": _ADAM,
     "lbfgs": _SGD_LIKE,
     "shampoo": _SGD_LIKE,
+    "adamw": _ADAM,
+    "muon": _MUON,
 }
 
 
@@ -56,6 +63,9 @@ class Task:
         lr_grid: per-optimizer lr grids (default :data:`LR_GRID`).
         flags: extra driver flags per optimizer, e.g. mL-BFGS's ``--update-freq`` scaled to
             the batch size (``(("mlbfgs", ("--update-freq", "10")),)``).
+        muon_adamw_lr: ``muon``'s ``--muon-adamw-lr`` (the lr of the parameters its AdamW
+            half trains); default the middle of the task's Adam grid. Fixed, not swept: the
+            grid is over Muon's own lr.
     """
 
     name: str
@@ -76,6 +86,7 @@ class Task:
     warmup_fraction: float | None = None
     lr_grid: tuple[tuple[str, tuple[float, ...]], ...] | None = None
     flags: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    muon_adamw_lr: float | None = None
 
     @property
     def higher_is_better(self) -> bool:
@@ -97,6 +108,10 @@ class Task:
     def extra_flags(self, optimizer: str) -> list[str]:
         # The warm-up is always explicit, so that a run's spec.json records it.
         flags = ["--batch-size", str(self.batch_size), "--warmup-steps", str(self.warmup_steps())]
+        if optimizer == "muon":
+            adam = self.grid("adam")
+            lr = self.muon_adamw_lr if self.muon_adamw_lr is not None else adam[len(adam) // 2]
+            flags += ["--muon-adamw-lr", repr(lr)]
         return flags + list(dict(self.flags).get(optimizer, ()))
 
 
@@ -116,9 +131,13 @@ _LARGE_BATCH = {1024: ((0.05, 0.1, 0.2), (4e-3, 8e-3, 1.6e-2)),
                 4096: ((0.05, 0.1, 0.2), (8e-3, 1.6e-2, 3.2e-2))}
 
 
-def _grid(sgd_like: tuple[float, ...], adam: tuple[float, ...]
+def _grid(sgd_like: tuple[float, ...], adam: tuple[float, ...], *,
+          adamw: tuple[float, ...] | None = None, muon: tuple[float, ...] = _MUON
           ) -> tuple[tuple[str, tuple[float, ...]], ...]:
-    return tuple((o, adam if o == "adam" else sgd_like) for o in OPTIMIZERS)
+    """Per optimizer: ``adam`` for Adam (and AdamW unless ``adamw``), ``muon`` for Muon's
+    own lr, ``sgd_like`` for the rest."""
+    special = {"adam": adam, "adamw": adamw or adam, "muon": muon}
+    return tuple((o, special.get(o, sgd_like)) for o in OPTIMIZERS)
 
 
 TASK_NAMES: tuple[str, ...] = ("mlp-digits", "cnn-fmnist-b128", "cnn-fmnist-b1024",
@@ -142,9 +161,13 @@ def default_tasks(*, quick: bool, names: tuple[str, ...] = TASK_NAMES) -> list[T
         # The embedded default run. Two sweep seeds: on one seed a short sweep picked an lr
         # at the edge of stability (measured: SGD at 0.15 collapsed to 10 % on seed 1).
         # Adam's grid is BENCHMARKS §9.9's: with the default warm-up its best was 8e-3.
+        # AdamW's adds 1.6e-2 (8e-3, Adam's best, is that grid's top); Muon's AdamW half
+        # trains at Adam's best lr, 8e-3 (docs/benchmarks/2026-12-07-muon-adamw.md).
         Task("cnn-fmnist-b128", "cnn", "fashion-mnist", epochs=2, eval_every=117,
              full_grid=False, sweep_seeds=2, targets=(0.88, 0.89, 0.90),
-             lr_grid=_grid((0.05, 0.1, 0.2), (2e-3, 4e-3, 8e-3))),
+             lr_grid=_grid((0.05, 0.1, 0.2), (2e-3, 4e-3, 8e-3),
+                           adamw=(2e-3, 4e-3, 8e-3, 1.6e-2), muon=(0.02, 0.05, 0.1, 0.2)),
+             muon_adamw_lr=8e-3),
     ]
     # Large global batches (what many ranks give): 10 % warm-up for everyone, mL-BFGS's T
     # scaled so that a pair still spans ~6–20 k samples as at batch 128 (T = 50); mL-BFGS's
@@ -163,10 +186,13 @@ def default_tasks(*, quick: bool, names: tuple[str, ...] = TASK_NAMES) -> list[T
     tasks += [
         # Character LM on Python's own sources: 1000 steps of 64 windows of 64 characters
         # (~1 epoch); a 2-layer, 120 k-parameter transformer keeps a run to minutes on a core.
+        # AdamW's grid adds 3e-2 (1e-2, Adam's best, is the top); Muon's AdamW half trains
+        # at Adam's best lr, 1e-2 (docs/benchmarks/2026-12-07-muon-adamw.md).
         Task("lm-pystdlib", "transformer", "python-stdlib", steps=1000, eval_every=100,
              full_grid=False, metric="test_loss", targets=(2.0, 1.8, 1.7), batch_size=64,
-             lr_grid=_grid((0.1, 0.3, 1.0), (1e-3, 3e-3, 1e-2)),
-             flags=tuple((o, ("--depth", "2")) for o in OPTIMIZERS)),
+             lr_grid=_grid((0.1, 0.3, 1.0), (1e-3, 3e-3, 1e-2),
+                           adamw=(1e-3, 3e-3, 1e-2, 3e-2), muon=(0.01, 0.02, 0.05, 0.1)),
+             flags=tuple((o, ("--depth", "2")) for o in OPTIMIZERS), muon_adamw_lr=1e-2),
         # ResNet-18's 41 layers at width 8 (0.18 M parameters): one epoch, a short CPU run.
         Task("resnet18w8-fmnist", "resnet18", "fashion-mnist", epochs=1, eval_every=117,
              full_grid=False, targets=(0.85, 0.87, 0.88),
