@@ -107,3 +107,23 @@ def test_production_example_signal_cycle(ranks: int, tmp_path: Path) -> None:
     assert f"at step {step} " in resumed and "done: 220 steps" in resumed, resumed[-3000:]
     difference = compare_checkpoints(find_latest_valid(reference), find_latest_valid(run_dir))
     assert difference.identical, difference.summary()
+
+
+@pytest.mark.timeout(2 * TIMEOUT + 30)
+def test_pinn_example_one_process_and_two_ranks(tmp_path: Path) -> None:
+    """examples/pinn.py (the README's PINN example) trains the Poisson PINN to a relative L2
+    error below 1e-2 in its 15 steps, and 2 ranks end where one process does (the loss and
+    the error to 3 significant digits, the same number of closure evaluations)."""
+    pattern = (r"loss ([\d.e+-]+), relative L2 error ([\d.e+-]+), (\d+) closure evaluations")
+    results = []
+    for ranks in (0, 2):
+        out = _run("pinn.py", ranks, tmp_path)
+        assert out.count("relative L2 error") == 1, out[-3000:]   # rank 0 alone reports
+        match = re.search(pattern, out)
+        assert match, out[-3000:]
+        results.append(match.groups())
+    (loss_1, error_1, evals_1), (loss_2, error_2, evals_2) = results
+    assert float(error_1) < 1e-2, results
+    assert evals_1 == evals_2, results
+    assert float(loss_2) == pytest.approx(float(loss_1), rel=1e-2), results
+    assert float(error_2) == pytest.approx(float(error_1), rel=1e-2), results

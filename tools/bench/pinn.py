@@ -278,7 +278,41 @@ def report(out: Path, task: str, budget: float) -> str:
     for target in TARGETS:
         header += [f"s to {target:g}", f"evals to {target:g}"]
     header.append(f"rel L2 at {budget:g} s")
-    return markdown_table(header, rows)
+    table = markdown_table(header, rows)
+    ratios = paired_ratios(out, task, budget)   # (closure evaluations: load-independent)
+    return table if not ratios else f"{table}\n\n{ratios}"
+
+
+#: Pairs run side by side (numerator, denominator): criterion 1 and the switch's twin.
+PAIRS: tuple[tuple[str, str], ...] = (("mlbfgs", "lbfgs"), ("adam500_mlbfgs", "adam500_lbfgs"),
+                                      ("adam2000_mlbfgs", "adam2000_lbfgs"))
+
+
+def paired_ratios(out: Path, task: str, budget: float) -> str:
+    """Time-to-target ratios of the pairs of :data:`PAIRS`, per seed (the two runs of a seed
+    ran side by side), for the targets the denominator reached; '–' where the numerator
+    did not reach a target the denominator did."""
+    rows = []
+    for mine, theirs in PAIRS:
+        per_seed: dict[float, list[str]] = {t: [] for t in TARGETS}
+        for run in sorted((out / "runs" / task).glob(f"{theirs}_s*")):
+            other = run.with_name(run.name.replace(theirs, mine, 1))
+            if not ((run / "done.json").is_file() and (other / "done.json").is_file()):
+                continue
+            for target in TARGETS:
+                base = reaching(evals_of(run), target, budget)
+                if base is None:
+                    continue
+                hit = reaching(evals_of(other), target, budget)
+                per_seed[target].append(f"{hit[0] / base[0]:.2f} ({hit[1] / base[1]:.2f})"
+                                        if hit else "–")
+        for target, cells in per_seed.items():
+            if cells:
+                rows.append([f"{mine} / {theirs}", f"{target:g}", len(cells), " / ".join(cells)])
+    if not rows:
+        return ""
+    return markdown_table(["pair (side by side)", "target", "seeds reached by the second",
+                           "time ratio per seed (evaluations ratio)"], rows)
 
 
 def plot(out: Path, task: str, png: Path, settings: list[str] | None, budget: float) -> None:
