@@ -108,8 +108,10 @@ def stat_columns(source: dict[str, Any], keys: Iterable[str]) -> dict[str, float
             for key in keys if key in source for part in ("median", "q1", "q3")}
 
 
-def fmt_stat(stat: dict[str, float], *, digits: int = 3, spread: str = "iqr") -> str:
-    """``median [q1–q3]`` (or ``[min–max]``) as text; ``n/a`` when there is no value."""
+def fmt_stat(stat: dict[str, float], *, digits: int = 3, spread: str = "minmax") -> str:
+    """``median [min–max]`` (or, ``spread="iqr"``, ``[q1–q3]``) as text; ``n/a`` when there
+    is no value. Min–max by default: the reports' tables say so, and with three seeds the
+    quartiles are only halfway points between the median and the extremes."""
     if not stat or stat.get("n", 0) == 0 or math.isnan(stat["median"]):
         return "n/a"
     lo, hi = (stat["q1"], stat["q3"]) if spread == "iqr" else (stat["min"], stat["max"])
