@@ -10,6 +10,10 @@
 * PBS walltime cycle: ``qsub -l ...,walltime=00:02:00`` with ``MLBFGS_MARGIN=60``: the script
   derives ``--stop-after 60`` from ``qstat -f``, the ranks checkpoint and exit 99, the script
   resubmits itself with ``qsub`` and the continuation finishes, again bitwise equal.
+* PINN tasks run through the same scripts unchanged: ``--pde poisson`` with the line-searched
+  mL-BFGS on 2 ranks under each script finishes with ``rel_l2`` evaluations, closure counts and
+  a final checkpoint; and ``scancel --signal=USR1`` on the srun job's ranks makes it checkpoint,
+  exit 99, requeue and resume, ending bitwise where an uninterrupted ``mpirun -np 2`` run ends.
 
 Every job is submitted at once by a module fixture, so their waits overlap; ``--step-sleep``
 stretches the cycle runs to 1-1.5 minutes of training without changing the mathematics.
@@ -27,14 +31,20 @@ warning then came 2 s after the last step, while the ranks shut down: tolerated)
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (fixture import)
+from tests.slurm_cluster import (  # noqa: F401  (fixture import)
+    TERMINAL_STATES,
+    SlurmCluster,
+    slurm_cluster,
+)
 from tests.train_runs import (
     BASE_ARGS,
     REPO,
@@ -43,6 +53,7 @@ from tests.train_runs import (
     read_metrics,
     run_training,
     train_env,
+    train_steps,
 )
 
 JOBS = REPO / "jobs"
@@ -57,6 +68,17 @@ TIME_LIMIT = "--time=2"
 SIGNAL_LEAD_S = 35
 SHORT_TIMEOUT = 240.0
 CYCLE_TIMEOUT = 420.0
+# A small Poisson PINN (400 + 80 points: equal shards on 2 ranks) with the line-searched
+# mL-BFGS; --max-iter 4 keeps a step ~0.5 s of compute so the jobs barely load the machine
+# beside the sleep-dominated cycle runs.
+PINN_ARGS = ["--pde", "poisson", "--collocation", "400", "--boundary-points", "80",
+             "--width", "16", "--depth", "2", "--optimizer", "mlbfgs",
+             "--line-search", "strong_wolfe", "--max-iter", "4", "--quiet"]
+PINN_STEPS = 5
+# The requeue run: 12 steps of ~2.5 s, signalled by the test once step 2 is logged.
+PINN_REQUEUE_STEPS = 12
+PINN_REQUEUE_ARGS = [*PINN_ARGS, "--steps", str(PINN_REQUEUE_STEPS)]
+PINN_SLEEP = "2"
 
 
 def _job_env(run_dir: Path, **extra: str) -> dict[str, str]:
@@ -97,6 +119,11 @@ def jobs(slurm_cluster: SlurmCluster,  # noqa: F811  (the imported fixture)
     """Submit every job of this module at once; yield ``{name: job id, "work": dir}``."""
     work = tmp_path_factory.mktemp("jobs")
     ids = {
+        # First, so it takes the free slot beside the cycle runs at once: the first test
+        # signals it while it runs.
+        "pinn_requeue": _sbatch(slurm_cluster, "slurm_srun.sbatch", [],
+                                [*PINN_REQUEUE_ARGS, "--step-sleep", PINN_SLEEP], work=work,
+                                name="pinn_requeue"),
         "e2e_srun": _sbatch(slurm_cluster, "slurm_srun.sbatch",
                             [TIME_LIMIT, f"--signal=USR1@{SIGNAL_LEAD_S}"],
                             [*CYCLE_ARGS, "--step-sleep", SLURM_SLEEP], work=work,
@@ -114,6 +141,15 @@ def jobs(slurm_cluster: SlurmCluster,  # noqa: F811  (the imported fixture)
                           name="mpirun"),
         "pbs": _qsub(slurm_cluster, "select=1:ncpus=2:mpiprocs=2,walltime=00:05:00",
                      SHORT_ARGS, work=work, name="pbs", MLBFGS_RESUBMIT="0"),
+        "pinn_srun": _sbatch(slurm_cluster, "slurm_srun.sbatch", [],
+                             [*PINN_ARGS, "--steps", str(PINN_STEPS)], work=work,
+                             name="pinn_srun"),
+        "pinn_mpirun": _sbatch(slurm_cluster, "slurm_mpirun.sbatch", [],
+                               [*PINN_ARGS, "--steps", str(PINN_STEPS)], work=work,
+                               name="pinn_mpirun"),
+        "pinn_pbs": _qsub(slurm_cluster, "select=1:ncpus=2:mpiprocs=2,walltime=00:05:00",
+                          [*PINN_ARGS, "--steps", str(PINN_STEPS)], work=work,
+                          name="pinn_pbs", MLBFGS_RESUBMIT="0"),
     }
     yield {**ids, "work": str(work)}
     # Cancel whatever is left, continuations the PBS script queued included.
@@ -146,6 +182,21 @@ def _wait_ok(cluster: SlurmCluster, job_id: str, out_file: Path, *, timeout: flo
     return out
 
 
+def _wait_for_train_step(cluster: SlurmCluster, job_id: str, run_dir: Path, step: int, *,
+                         timeout: float) -> None:
+    """Wait until the running job's ``metrics.jsonl`` has a train record at ``step`` or later."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        steps = train_steps(run_dir)
+        if steps and steps[-1] >= step:
+            return
+        state = cluster.state(job_id)
+        assert state not in TERMINAL_STATES, f"job {job_id} ended ({state}) before step {step}"
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id}: no train record at step >= {step} after {timeout:.0f} s"
+                         f" (state {cluster.state(job_id)})")
+
+
 def _assert_trained(out: str, run_dir: Path, steps: int) -> None:
     """The run's summary: exit 0 from the launcher, the done line, a 2-rank summary record."""
     assert "training exited with 0" in out, out[-3000:]
@@ -153,6 +204,81 @@ def _assert_trained(out: str, run_dir: Path, steps: int) -> None:
     summary = read_metrics(run_dir)[-1]
     assert summary["event"] == "summary" and summary["world_size"] == 2, summary
     assert summary["step"] == steps and summary["test_accuracy"] > 0.5, summary
+
+
+# ---- PINN tasks through the same scripts ------------------------------------------------------
+def _assert_pinn_trained(out: str, run_dir: Path, steps: int) -> list[dict]:
+    """Exit 0; a ``rel_l2`` evaluation and a closure count at every step; a final checkpoint."""
+    assert "training exited with 0" in out, out[-3000:]
+    assert re.search(rf"INFO done: {steps} steps, relative L2 error \S+, \d+ closure "
+                     r"evaluations", out), out[-3000:]
+    metrics = read_metrics(run_dir)
+    evals = [r for r in metrics if r["event"] == "eval"]
+    assert [r["step"] for r in evals] == list(range(1, steps + 1)), evals
+    rel_l2 = [r["rel_l2"] for r in evals]
+    assert all(math.isfinite(e) and e > 0 for e in rel_l2) and rel_l2[-1] < rel_l2[0], rel_l2
+    func_evals = [r["func_evals"] for r in metrics if r["event"] == "train"]
+    # Strictly increasing, and more than one evaluation per step: the line search searched.
+    assert len(func_evals) == steps and func_evals == sorted(set(func_evals)), func_evals
+    assert func_evals[-1] > steps, func_evals
+    summary = metrics[-1]
+    assert summary["event"] == "summary" and summary["world_size"] == 2, summary
+    assert summary["step"] == steps and summary["pde"] == "poisson", summary
+    assert summary["optimizer"] == "mlbfgs", summary
+    assert summary["total_func_evals"] == func_evals[-1], summary
+    assert summary["rel_l2"] == pytest.approx(rel_l2[-1]), summary
+    assert checkpoint_steps(run_dir)[-1] == steps, checkpoint_steps(run_dir)
+    return metrics
+
+
+# Runs first: it signals the job while the job trains (the fixture submits it first).
+@pytest.mark.timeout(SHORT_TIMEOUT + 300)
+def test_pinn_srun_job_signal_requeue_resume(slurm_cluster: SlurmCluster,  # noqa: F811
+                                             jobs: dict[str, str], tmp_path: Path) -> None:
+    """scancel --signal=USR1 on the ranks of a PINN srun job: checkpoint, 99, requeue, resume."""
+    work = Path(jobs["work"])
+    job_id, run_dir = jobs["pinn_requeue"], work / "pinn_requeue"
+    _wait_for_train_step(slurm_cluster, job_id, run_dir, 2, timeout=SHORT_TIMEOUT)
+    # Without --batch/--full, scancel signals the job's steps (srun's ranks), not the shell.
+    slurm_cluster.run(["scancel", "--signal=USR1", job_id])
+    # The uninterrupted run, while the job checkpoints, requeues and resumes.
+    reference = tmp_path / "reference"
+    code, ref_out = run_training([*PINN_REQUEUE_ARGS, "--threads", "1", "--run-dir",
+                                  str(reference)], log=tmp_path / "reference.log", ranks=2,
+                                 timeout=300)
+    assert code == 0, ref_out[-3000:]
+    out = _wait_ok(slurm_cluster, job_id, work / "pinn_requeue.out", timeout=SHORT_TIMEOUT)
+    events = timeline(out)
+    _print_timeline(f"sbatch -n 2 jobs/slurm_srun.sbatch --pde poisson ... (job {job_id}, "
+                    f"{PINN_REQUEUE_STEPS} steps, --step-sleep {PINN_SLEEP}), scancel "
+                    f"--signal=USR1 after step 2:", events)
+    step = _assert_cycle(events, requeue_event="requeue", steps=PINN_REQUEUE_STEPS)
+    assert 2 <= step < PINN_REQUEUE_STEPS, events
+    signals = [d for _, n, d in events if n == "rank got signal"]
+    assert signals == ["SIGUSR1", "SIGUSR1"], events   # both ranks, once
+    assert f"job {job_id} start, restart count 1," in out, out[-3000:]
+    metrics = _assert_pinn_trained(out, run_dir, PINN_REQUEUE_STEPS)
+    # The continuation counts on from the checkpoint's closure evaluations.
+    assert step in checkpoint_steps(run_dir), checkpoint_steps(run_dir)
+    evals = [r["func_evals"] for r in metrics if r["event"] == "train"]
+    reference_evals = [r["func_evals"] for r in read_metrics(reference) if r["event"] == "train"]
+    assert evals == reference_evals, (evals, reference_evals)
+    compared = assert_same_final_state(reference, run_dir)
+    print(f"  checkpoint at step {step}, resumed; final state equals the uninterrupted "
+          f"mpirun -np 2 run ({compared} entries, bitwise)")
+
+
+@pytest.mark.timeout(SHORT_TIMEOUT + 30)
+@pytest.mark.parametrize("name", ["pinn_srun", "pinn_mpirun", "pinn_pbs"])
+def test_pinn_task_runs_under_each_script(slurm_cluster: SlurmCluster,  # noqa: F811
+                                          jobs: dict[str, str], name: str) -> None:
+    """jobs/{slurm_srun,slurm_mpirun}.sbatch and jobs/pbs.qsub with --pde poisson, 2 ranks."""
+    work = Path(jobs["work"])
+    out = _wait_ok(slurm_cluster, jobs[name], work / f"{name}.out", timeout=SHORT_TIMEOUT)
+    started = (rf"PBS job {jobs[name]}: 2 ranks on" if name == "pinn_pbs" else
+               rf"job {jobs[name]} start, restart count 0, 2 ranks on")
+    assert re.search(started, out), out[-3000:]
+    _assert_pinn_trained(out, work / name, PINN_STEPS)
 
 
 # ---- short runs ------------------------------------------------------------------------------
@@ -225,7 +351,8 @@ def _print_timeline(title: str, events: list[tuple[float, str, str]]) -> None:
         print(f"  {t:7.2f} s  {name} {detail}".rstrip())
 
 
-def _assert_cycle(events: list[tuple[float, str, str]], *, requeue_event: str) -> int:
+def _assert_cycle(events: list[tuple[float, str, str]], *, requeue_event: str,
+                  steps: int = CYCLE_STEPS) -> int:
     """One stop/continue cycle in the right order; return the checkpoint step."""
     names = [name for _, name, _ in events]
     # First run: started, (signalled,) checkpointed, exited 99, requeued/resubmitted.
@@ -241,7 +368,7 @@ def _assert_cycle(events: list[tuple[float, str, str]], *, requeue_event: str) -
     # (seen in CI: done at 75 s, warned at 77 s): harmless when it finished and exited 0, so
     # signal lines after "done" are ignored; a warning before it would show as a second cycle.
     done = names.index("done, steps")
-    assert events[done][2] == str(CYCLE_STEPS), events
+    assert events[done][2] == str(steps), events
     after_done = [name for name in names[done + 1:] if name not in _SIGNAL_EVENTS]
     assert after_done == ["training exited with"], events
     assert events[-1][1:] == ("training exited with", "0"), events
