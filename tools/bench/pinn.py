@@ -200,8 +200,36 @@ def _run(spec: RunSpec, out: Path) -> str:
     return f"{spec.name}: exit {proc.returncode} in {wall:.0f} s"
 
 
-def run_all(specs: list[RunSpec], out: Path, *, jobs: int) -> None:
-    """Run ``specs`` ``jobs`` at a time (a 2-rank run alone: it uses every core)."""
+def _extend(spec: RunSpec, out: Path, extra: float) -> str:
+    """Resume a finished run from its last checkpoint for ``extra`` more training seconds
+    (its metrics.jsonl continues; the logged time counts on from the checkpoint's)."""
+    run_dir = run_dir_of(out, spec)
+    done_path = run_dir / "done.json"
+    if not done_path.is_file():
+        return f"{spec.name}: not run, nothing to extend"
+    done = json.loads(done_path.read_text())
+    target = spec.budget + extra
+    if done.get("budget", spec.budget) >= target:
+        return f"{spec.name}: extended before"
+    command = spec.command(run_dir)
+    command[command.index("never")] = "auto"
+    command[command.index("--stop-after") + 1] = f"{1.2 * extra + 15.0:.0f}"
+    start = time.monotonic()
+    with (run_dir / "log.txt").open("a") as log:
+        env = dict(spec.env)
+        proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
+                              env=mpi_env(OMP_NUM_THREADS="1", **env),
+                              cwd=Path(env.get("PYTHONPATH", REPO)),
+                              timeout=3 * extra + 300)
+    wall = time.monotonic() - start
+    done_path.write_text(json.dumps({**done, "budget": target, "extended_exit": proc.returncode,
+                                     "extended_wall": wall}))
+    return f"{spec.name}: extended to {target:g} s, exit {proc.returncode} in {wall:.0f} s"
+
+
+def run_all(specs: list[RunSpec], out: Path, *, jobs: int, extra: float = 0.0) -> None:
+    """Run ``specs`` ``jobs`` at a time (a 2-rank run alone: it uses every core); with
+    ``extra``, extend finished runs by that many training seconds instead."""
     pending = list(specs)
     while pending:
         batch = [pending.pop(0)]
@@ -209,7 +237,8 @@ def run_all(specs: list[RunSpec], out: Path, *, jobs: int) -> None:
                and pending[0].ranks == 0 and not pending[0].alone):
             batch.append(pending.pop(0))
         with concurrent.futures.ThreadPoolExecutor(len(batch)) as pool:
-            for line in pool.map(lambda s: _run(s, out), batch):
+            for line in pool.map(lambda s: _extend(s, out, extra) if extra else _run(s, out),
+                                 batch):
                 logger.info("%s", line)
 
 
@@ -348,7 +377,7 @@ def plot(out: Path, task: str, png: Path, settings: list[str] | None, budget: fl
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("action", choices=("run", "report", "plot"))
+    p.add_argument("action", choices=("run", "extend", "report", "plot"))
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--task", action="append", required=True, choices=sorted(BUDGETS))
     p.add_argument("--plan", default="grid",
@@ -360,11 +389,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=None,
                    help="training seconds for the report (default: the task's budget)")
     p.add_argument("--png", type=Path, default=None)
+    p.add_argument("--extra", type=float, default=0.0,
+                   help="extend: training seconds to add to each finished run (resumed from "
+                        "its last checkpoint, side by side as the plan pairs them)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    if args.action == "run":
+    if args.action in ("run", "extend"):
+        if args.action == "extend" and args.extra <= 0:
+            p.error("extend needs --extra SECONDS > 0")
         run_all(plan(args.plan, tasks=args.task, seeds=args.seeds, settings=args.setting),
-                args.out, jobs=args.jobs)
+                args.out, jobs=args.jobs, extra=args.extra)
         return 0
     for task in args.task:
         budget = args.budget or BUDGETS[task]
