@@ -8,7 +8,6 @@ rank takes its contiguous shard of the same global batch and weights its loss by
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 import mlbfgs_hpc.batched as batched_module
 from mlbfgs_hpc import MLBFGS, build_blocks, init_communicator
 from mlbfgs_hpc.config import MLBFGSConfig
+from worker_output import write_worker_output  # this folder (run as a script)
 
 
 def main() -> None:
@@ -145,10 +145,7 @@ def train(args: argparse.Namespace, comm: Any, backend: str, grad_reduce: str, n
         "step_time_median": sorted(timings)[len(timings) // 2],
         "grad_scale": None if scaler is None else scaler.get_scale(),
     }
-    (out / f"rank{comm.rank}.json").write_text(json.dumps(record))
-    if comm.rank == 0:
-        torch.save({n: p.detach().clone() for n, p in model.named_parameters()},
-                   out / "params.pt")
+    write_worker_output(out, rank=comm.rank, record=record, model=model)
 
 
 if __name__ == "__main__":

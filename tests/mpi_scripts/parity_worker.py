@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from mlbfgs_hpc import MLBFGS, build_blocks, init_communicator
+from worker_output import write_worker_output  # this folder (run as a script)
 
 STEPS = 30
 GLOBAL_BATCH = 32
@@ -100,10 +100,7 @@ def train(comm: Any, backend: str, grad_reduce: str, out: Path) -> None:
                          if not torch.equal(p, initial[n])}),
         "copy_refusal": copy_refusal,
     }
-    (out / f"rank{comm.rank}.json").write_text(json.dumps(record))
-    if comm.rank == 0:
-        torch.save({n: p.detach().clone() for n, p in model.named_parameters()},
-                   out / "params.pt")
+    write_worker_output(out, rank=comm.rank, record=record, model=model)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,13 @@ run must not hang silently (the test bounds it with a timeout).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from mlbfgs_hpc import MLBFGS, build_blocks, init_communicator
 from mlbfgs_hpc.data import shard_bounds
+from worker_output import write_worker_output  # this folder (run as a script)
 
 
 def main() -> None:
@@ -65,10 +65,7 @@ def main() -> None:
               "state_bytes": optimizer.optimizer_state_bytes(),
               "history_elements": optimizer._searched.curvature.history.numel(),
               "owned_numel": sum(optimizer.blocks[b].numel for b in optimizer.owned_blocks)}
-    (out / f"rank{comm.rank}.json").write_text(json.dumps(record))
-    if comm.rank == 0:
-        torch.save({n: p.detach().clone() for n, p in model.named_parameters()},
-                   out / "params.pt")
+    write_worker_output(out, rank=comm.rank, record=record, model=model)
 
 
 if __name__ == "__main__":
