@@ -185,7 +185,7 @@ def searched_mlbfgs(args: argparse.Namespace) -> bool:
 def _check_pinn_args(args: argparse.Namespace) -> None:
     """The PINN flags: only with ``--pde``, and not the classifier's model or data."""
     if getattr(args, "pde", None) is None:
-        for dest in ("collocation", "boundary_points", "constraint_weight"):
+        for dest in ("collocation", "boundary_points", "constraint_weight", "dtype"):
             if getattr(args, dest, None) is not None:
                 raise UsageError(f"{flag(dest)} needs --pde")
         if getattr(args, "collocation_batch", 0):

@@ -13,17 +13,24 @@ A step length t is accepted when it satisfies the strong Wolfe conditions (Noced
     sufficient decrease   φ(t) ≤ φ(0) + c1·t·φ'(0)
     curvature             |φ'(t)| ≤ c2·|φ'(0)|
 
-The search has two phases (ibid., Algorithms 3.5 and 3.6)::
+The search has two phases (ibid., Algorithms 3.5 and 3.6), with ``torch.optim.LBFGS``'s rules
+for what happens when no step satisfies them::
 
     bracketing:  t₁ = t_init, then longer trial steps (cubic extrapolation, at most 10×)
-                 until a trial fails sufficient decrease, stops decreasing, or slopes upward:
-                 an interval [low, high] that contains acceptable steps
-    zoom:        cubic interpolation inside the interval, kept away from its ends, each trial
+                 until a trial fails sufficient decrease, stops decreasing (from the third
+                 trial on), or slopes upward: a bracket [a, b] that contains acceptable steps
+    zoom:        cubic interpolation inside the bracket, kept away from its ends, each trial
                  replacing one end, until a trial satisfies both conditions
 
-``low`` is always the best point found that satisfies sufficient decrease. When the search runs
-out of evaluations, or the interval shrinks below ``tolerance_change`` along d, it returns
-``low``: possibly the starting point itself (t = 0, no progress).
+``low`` is the end of the bracket with the lower loss, whether or not it satisfies sufficient
+decrease (torch's rule: near the precision floor of float32, where the predicted decrease is
+below the loss's rounding noise, a lower loss is still progress). When the search runs out of
+evaluations, or the bracket shrinks below ``tolerance_change`` along d, it returns ``low``:
+possibly the starting point itself (t = 0, no progress). Every choice (which trial, which end
+it replaces, which end is ``low`` on a tie) is torch's, so on the same φ both searches try the
+same steps and return the same one (``tests/test_linesearch.py`` checks it on noisy φ too).
+The one deliberate difference: a trial whose loss or slope is not finite always replaces the
+``high`` end (torch's comparisons are false on NaN and would keep it).
 
 The caller keeps the gradient of every evaluation it may be handed back: :class:`SearchOutcome`
 says whether the accepted point is the last evaluated one, the one last passed to ``keep``, or
@@ -97,8 +104,9 @@ class SearchOutcome:
 
 def cubic_minimizer(a: LinePoint, b: LinePoint, lower: float, upper: float) -> float:
     """The minimiser, clamped to ``[lower, upper]``, of the cubic through φ and φ' at ``a`` and
-    ``b`` (Nocedal and Wright, eq. 3.59); the middle of the bounds when the cubic has no
-    minimiser or an input is not finite."""
+    ``b`` (Nocedal and Wright, eq. 3.59, written from the point with the larger t, as torch
+    does, so both round alike); the middle of the bounds when the cubic has no minimiser or
+    an input is not finite."""
     middle = 0.5 * (lower + upper)
     values = (a.t, a.loss, a.slope, b.t, b.loss, b.slope)
     if not all(math.isfinite(v) for v in values) or a.t == b.t:
@@ -107,11 +115,12 @@ def cubic_minimizer(a: LinePoint, b: LinePoint, lower: float, upper: float) -> f
     discriminant = d1 * d1 - a.slope * b.slope
     if discriminant < 0.0:
         return middle
-    d2 = math.copysign(math.sqrt(discriminant), b.t - a.t)
-    denominator = b.slope - a.slope + 2.0 * d2
+    d2 = math.sqrt(discriminant)
+    near, far = (a, b) if a.t <= b.t else (b, a)
+    denominator = far.slope - near.slope + 2.0 * d2
     if denominator == 0.0:
         return middle
-    t = b.t - (b.t - a.t) * (b.slope + d2 - d1) / denominator
+    t = far.t - (far.t - near.t) * ((far.slope + d2 - d1) / denominator)
     if not math.isfinite(t):
         return middle
     return min(max(t, lower), upper)
@@ -152,6 +161,9 @@ def strong_wolfe_search(evaluate: Callable[[float], LinePoint], *, start: LinePo
     def decreases(p: LinePoint) -> bool:
         return p.finite and p.loss <= start.loss + p.t * decrease_limit
 
+    def flat(p: LinePoint) -> bool:
+        return abs(p.slope) <= flat_enough
+
     evaluations = 0
     last: LinePoint | None = None
 
@@ -167,39 +179,50 @@ def strong_wolfe_search(evaluate: Callable[[float], LinePoint], *, start: LinePo
         return SearchOutcome(point=point, evaluations=evaluations, source=source,
                              satisfied=satisfied)
 
-    # ---- bracketing: longer steps until an interval holds acceptable points -------------
-    previous, t = start, t_init
-    while True:
-        current = trial(t)
-        if not decreases(current) or (previous is not start and current.loss >= previous.loss):
-            low, high = previous, current
+    def low_first(bracket: list[LinePoint]) -> tuple[int, int]:
+        """(low, high) positions: the lower loss is ``low``; a tie, or a non-finite second
+        end, keeps position 0 low (torch's rule, made NaN-safe)."""
+        first, second = bracket
+        return (0, 1) if (first.loss <= second.loss or not second.finite) else (1, 0)
+
+    # ---- bracketing: longer steps until a bracket holds acceptable points -------------
+    previous, current = start, trial(t_init)
+    bracket: list[LinePoint] | None = None
+    while evaluations < max_evals:
+        if not decreases(current) or (evaluations > 2 and current.loss >= previous.loss):
+            bracket = [previous, current]
             break
-        if abs(current.slope) <= flat_enough:
-            keep()
+        if flat(current):
             return outcome(current, True)
-        keep()
         if current.slope >= 0.0:          # past a minimum: it lies between the two points
-            low, high = current, previous
+            bracket = [previous, current]
             break
-        if evaluations >= max_evals:
-            return outcome(current, False)
+        keep()                            # a candidate for the bracket's low end
         # Extrapolate: at least 1 % further than the last extension, at most 10× the step.
         lower = current.t + 0.01 * (current.t - previous.t)
-        previous, t = current, cubic_minimizer(previous, current, lower, 10.0 * current.t)
+        t = cubic_minimizer(previous, current, lower, 10.0 * current.t)
+        previous, current = current, trial(t)
+    if bracket is None:                   # out of evaluations while extending
+        bracket = [start, current]
+        low, _ = low_first(bracket)
+        return outcome(bracket[low], False)
 
-    # ---- zoom: shrink [low, high] until a trial satisfies both conditions ---------------
+    # ---- zoom: shrink the bracket until a trial satisfies both conditions --------------
+    low, high = low_first(bracket)
+    if bracket[low] is current:
+        keep()
     near_end_before = False
     while evaluations < max_evals:
-        left, right = min(low.t, high.t), max(low.t, high.t)
+        left, right = sorted((bracket[0].t, bracket[1].t))
         width = right - left
         if width * direction_max < s.tolerance_change:
             break
-        t = cubic_minimizer(low, high, left, right)
-        # Keep trials at least 10 % of the interval from its ends: a cubic that keeps
-        # landing next to one end shrinks the interval by almost nothing per evaluation.
+        t = cubic_minimizer(bracket[0], bracket[1], left, right)
+        # Keep trials at least 10 % of the bracket from its ends: a cubic that keeps
+        # landing next to one end shrinks the bracket by almost nothing per evaluation.
         margin = 0.1 * width
         if min(right - t, t - left) < margin:
-            if near_end_before or t <= left or t >= right:
+            if near_end_before or t >= right or t <= left:
                 t = right - margin if abs(t - right) < abs(t - left) else left + margin
                 near_end_before = False
             else:
@@ -207,14 +230,16 @@ def strong_wolfe_search(evaluate: Callable[[float], LinePoint], *, start: LinePo
         else:
             near_end_before = False
         current = trial(t)
-        if not decreases(current) or current.loss >= low.loss:
-            high = current
+        if not decreases(current) or current.loss >= bracket[low].loss:
+            bracket[high] = current
+            low, high = low_first(bracket)
+            if bracket[low] is current:   # lower, though not by enough: still the best
+                keep()
             continue
-        if abs(current.slope) <= flat_enough:
-            keep()
+        if flat(current):
             return outcome(current, True)
-        if current.slope * (high.t - low.t) >= 0.0:
-            high = low
+        if current.slope * (bracket[high].t - bracket[low].t) >= 0.0:
+            bracket[high] = bracket[low]
         keep()
-        low = current
-    return outcome(low, False)
+        bracket[low] = current
+    return outcome(bracket[low], False)

@@ -287,7 +287,7 @@ class SearchedSteps:
             self._set_params(outcome.point.t)
             self._g.copy_(self._g_kept)
             g_max = kept_g_max
-        else:   # no acceptable step: back to the start (t = 0)
+        else:   # nothing lower than the start: back to it (t = 0)
             self._set_params(0.0)
         return outcome.point, g_max, outcome.evaluations
 

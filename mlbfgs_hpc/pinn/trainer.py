@@ -59,9 +59,11 @@ class PINNTrainer(TrainingRun):
         sizes = self.problem.defaults
         n_interior = args.collocation or sizes.n_interior
         n_constraint = args.boundary_points or sizes.n_constraint
-        # The whole set, the same on every rank (it depends on the seed only).
+        # The whole set, the same on every rank (it depends on the seed only; drawn in
+        # float64 and cast, so --dtype float64 trains on the float32 run's points).
+        self.dtype = getattr(torch, args.dtype or "float32")
         self.points = self.problem.sample(
-            n_interior=n_interior, n_constraint=n_constraint,
+            n_interior=n_interior, n_constraint=n_constraint, dtype=self.dtype,
             generator=torch.Generator().manual_seed(args.seed)).to(self.device)
         self.samplers = self._batch_samplers(args.collocation_batch)
         if self.samplers is None:
@@ -76,7 +78,7 @@ class PINNTrainer(TrainingRun):
         seed_everything(args.seed)
         self.model = PinnMLP(input_dim=self.problem.input_dim, width=args.width or sizes.width,
                              depth=args.depth or sizes.depth, lower=self.problem.lower,
-                             upper=self.problem.upper).to(self.device)
+                             upper=self.problem.upper).to(self.device, self.dtype)
         self.func_evals = 0        # closure evaluations, every phase (identical on all ranks)
         self.eval_seconds = 0.0    # time spent evaluating (not training time)
         self.last_rel_l2 = math.nan
