@@ -22,6 +22,7 @@ the budget by the median seed), and the error reached after ``--budget`` trainin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import concurrent.futures
 import json
 import logging
@@ -134,34 +135,37 @@ class RunSpec:
         return cmd
 
 
-def plan(name: str, *, tasks: list[str], seeds: list[int], settings: list[str] | None
-         ) -> list[RunSpec]:
+def plan(name: str, *, tasks: list[str], seeds: list[int], settings: list[str] | None,
+         budget: float | None = None, dtype: str = "float32") -> list[RunSpec]:
     """The runs of a plan, in the order they run (two at a time: neighbours side by side).
 
     ``grid``: every setting of :func:`grid_settings`, torch's L-BFGS beside MLBFGS at the
     same history, Adam beside Adam, each Adam -> torch L-BFGS beside Adam -> MLBFGS.
     ``ranks``: MLBFGS (history 100) on 2 ranks, and torch L-BFGS with 2 threads, beside
     nothing (each uses both cores).
+
+    ``budget`` replaces the tasks' training-time budgets; ``dtype`` float64 adds
+    ``--dtype float64`` to every run.
     """
     specs: list[RunSpec] = []
     grid = grid_settings()
     for task in tasks:
-        budget = BUDGETS[task]
+        task_budget = budget or BUDGETS[task]
         if name == "grid":
             chosen = settings or [s for s in grid if s != "mlbfgs_it1"]
             for seed in seeds:
-                specs += [RunSpec(s, task, seed, 0, tuple(grid[s]), budget) for s in chosen]
+                specs += [RunSpec(s, task, seed, 0, tuple(grid[s]), task_budget) for s in chosen]
         elif name == "resampled":
             variants = resampled_settings(task)
             chosen = settings or list(variants)
             for seed in seeds:
-                specs += [RunSpec(v, task, seed, 0, tuple(variants[v][0]), budget,
+                specs += [RunSpec(v, task, seed, 0, tuple(variants[v][0]), task_budget,
                                   tuple(variants[v][1].items())) for v in chosen]
         elif name == "ranks":
             for seed in seeds:
-                specs += [RunSpec("mlbfgs_2ranks", task, seed, 2, tuple(grid["mlbfgs"]), budget),
+                specs += [RunSpec("mlbfgs_2ranks", task, seed, 2, tuple(grid["mlbfgs"]), task_budget),
                           RunSpec("lbfgs_2threads", task, seed, 0,
-                                  (*grid["lbfgs"], "--threads", "2"), budget, alone=True)]
+                                  (*grid["lbfgs"], "--threads", "2"), task_budget, alone=True)]
         elif name == "scaling":
             # 2·10⁵ interior points: one process, then 2 ranks, each alone on the machine.
             big = ("--collocation", str(SCALING_POINTS))
@@ -172,6 +176,9 @@ def plan(name: str, *, tasks: list[str], seeds: list[int], settings: list[str] |
                                   (*grid["mlbfgs"], *big), SCALING_BUDGET)]
         else:
             raise ValueError(f"unknown plan {name!r}")
+    if dtype != "float32":
+        specs = [dataclasses.replace(spec, flags=(*spec.flags, "--dtype", dtype))
+                 for spec in specs]
     return specs
 
 
@@ -387,7 +394,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--budget", type=float, default=None,
-                   help="training seconds for the report (default: the task's budget)")
+                   help="training seconds of the runs and of the report (default: the "
+                        "task's budget)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="run: the PINN's precision (--dtype of mlbfgs-train)")
     p.add_argument("--png", type=Path, default=None)
     p.add_argument("--extra", type=float, default=0.0,
                    help="extend: training seconds to add to each finished run (resumed from "
@@ -397,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.action in ("run", "extend"):
         if args.action == "extend" and args.extra <= 0:
             p.error("extend needs --extra SECONDS > 0")
-        run_all(plan(args.plan, tasks=args.task, seeds=args.seeds, settings=args.setting),
+        run_all(plan(args.plan, tasks=args.task, seeds=args.seeds, settings=args.setting,
+                     budget=args.budget, dtype=args.dtype),
                 args.out, jobs=args.jobs, extra=args.extra)
         return 0
     for task in args.task:
