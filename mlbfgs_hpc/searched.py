@@ -111,6 +111,7 @@ class SearchedSteps:
         self.last_step_length = torch.full((), math.nan, dtype=torch.float64)
         #: Closure evaluations of the last step() (a diagnostic).
         self.last_step_evals = 0
+        self._warned_no_progress = False
 
     @classmethod
     def for_optimizer(cls, optimizer: Any) -> SearchedSteps:
@@ -156,7 +157,10 @@ class SearchedSteps:
         Returns the loss averaged over ranks (summed in rank order) and the (ranks × values)
         array of every rank's row."""
         with torch.enable_grad():
-            local = float(closure())
+            value = closure()
+        # A closure usually returns the loss it back-propagated, still attached to the graph
+        # (as in torch's examples): read it without the autograd warning.
+        local = float(value.detach() if isinstance(value, torch.Tensor) else value)
         self._gather_grad()
         self.func_evals += 1
         rows = self.comm.allgather_scalars([local, *row_of()])
@@ -233,6 +237,8 @@ class SearchedSteps:
             self.last_step_evals += evals
             loss = point.loss
             self.last_step_length.fill_(point.t)
+            if point.t == 0.0:
+                self._warn_no_progress(previous_loss)
             if int(self.func_evals) - evals_before >= s.max_eval:
                 break
             if g_max <= s.tolerance_grad:
@@ -242,6 +248,21 @@ class SearchedSteps:
             if abs(loss - previous_loss) < s.tolerance_change:
                 break
         return first_loss
+
+    def _warn_no_progress(self, loss: float) -> None:
+        """Once per optimizer: the search found no lower loss along a descent direction. At
+        the rounding floor of the parameters' dtype every later step repeats that search (the
+        state does not change), as torch.optim.LBFGS's would."""
+        if self._warned_no_progress:
+            return
+        self._warned_no_progress = True
+        dtype = self.grad.dtype
+        logger.warning("the line search found no loss below %.9g along a descent direction "
+                       "(step length 0): the loss and its gradient disagree at this "
+                       "precision (%s)%s; later steps that end the same way are not "
+                       "reported", loss, str(dtype).replace("torch.", ""),
+                       ": float64 parameters remove this floor" if dtype == torch.float32
+                       else "")
 
     def _global_norms(self, owned: torch.Tensor) -> tuple[float, float]:
         """‖·‖₁ (summed in rank order) and max|·| of an owned buffer over every rank."""

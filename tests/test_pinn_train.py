@@ -59,6 +59,28 @@ def test_two_ranks_with_the_line_search_end_where_one_process_ends(tmp_path: Pat
     assert summary["event"] == "summary" and summary["rel_l2"] == pytest.approx(rel[-1])
 
 
+@pytest.mark.timeout(600)
+def test_float64_trains_the_float32_problem_and_two_ranks_agree_to_its_rounding(
+        tmp_path: Path) -> None:
+    # --dtype float64: the same points and the same initial network (the float32 one, cast
+    # up), so the first loss is float32's to float32's rounding; 2 ranks then end where one
+    # process ends to float64's rounding (the reductions' order is all that differs).
+    args = ["--optimizer", "mlbfgs", "--line-search", "strong_wolfe", "--max-iter", "1",
+            "--steps", "10"]
+    single = train(tmp_path, "f32", *args)
+    one = train(tmp_path, "one", *args, "--dtype", "float64")
+    two = train(tmp_path, "two", *args, "--dtype", "float64", ranks=2)
+    first = [next(r["loss"] for r in m if r["event"] == "train") for m in (single, one, two)]
+    assert first[1] == pytest.approx(first[0], rel=1e-5)
+    assert first[2] == pytest.approx(first[1], rel=1e-12)
+    a, b = final_params(tmp_path / "one"), final_params(tmp_path / "two")
+    for name in a:
+        assert a[name].dtype == torch.float64, name
+        relative = (a[name] - b[name]).abs() / a[name].abs().clamp_min(1e-2)
+        assert float(relative.max()) <= 1e-9, name
+    assert one[-1]["rel_l2"] < 0.5 * next(r["rel_l2"] for r in one if r["event"] == "eval")
+
+
 @pytest.mark.timeout(900)
 def test_adam_then_lbfgs_resumes_across_the_switch_bit_for_bit(tmp_path: Path) -> None:
     recipe = ["--optimizer", "adam", "--lr", "1e-3", "--switch-at", "6", "--switch-to",
@@ -116,3 +138,10 @@ def test_pinn_usage_errors_are_one_line(tmp_path: Path, extra: list[str], messag
     code, out = run_training([*SMALL, "--run-dir", str(tmp_path / "r"), *extra],
                              log=tmp_path / "log", timeout=120)
     assert code == 2 and message in out, out[-2000:]
+
+
+@pytest.mark.timeout(120)
+def test_dtype_needs_a_pinn(tmp_path: Path) -> None:
+    code, out = run_training(["--dtype", "float64", "--steps", "1", "--run-dir",
+                              str(tmp_path / "r")], log=tmp_path / "log", timeout=100)
+    assert code == 2 and "--dtype needs --pde" in out, out[-2000:]

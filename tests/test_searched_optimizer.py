@@ -251,3 +251,42 @@ def test_a_copy_of_a_searched_optimizer_continues_bit_for_bit() -> None:
     run_steps(model, opt, 2)
     run_steps(twin_model, twin, 2)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin_model.parameters()))
+
+
+class _FlatLoss(torch.autograd.Function):
+    """A loss whose value never changes but whose gradient says it descends: what a float32
+    loss looks like at its rounding floor, with nothing below the start along any direction."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:   # type: ignore[override]
+        ctx.save_for_backward(x)
+        return torch.ones((), dtype=x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:   # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return grad_out * torch.ones_like(x)
+
+
+def test_a_search_with_nothing_lower_leaves_the_parameters_and_warns_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    weight = nn.Parameter(torch.linspace(-1.0, 1.0, 6))
+    model = nn.Module()
+    model.weight = weight
+    opt = searched(model)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = _FlatLoss.apply(weight)
+        loss.backward()
+        return loss.detach()
+
+    before = weight.detach().clone()
+    with caplog.at_level("WARNING", logger="mlbfgs_hpc.searched"):
+        for _ in range(3):
+            opt.step(closure)
+    assert torch.equal(weight.detach(), before)
+    assert float(opt.counters["last_step_length"]) == 0.0
+    warnings = [r for r in caplog.records if "found no loss below" in r.getMessage()]
+    assert len(warnings) == 1 and "float64 parameters remove this floor" in \
+        warnings[0].getMessage()
