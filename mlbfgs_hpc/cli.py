@@ -113,6 +113,8 @@ FLAG_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("threads", _optional(lambda v: v >= 1), "an integer >= 1"),
     ("max_grad_norm", _optional(lambda v: _finite(v) and v > 0), "a finite number > 0"),
     ("max_iter", _optional(lambda v: v >= 1), "an integer >= 1"),
+    ("tolerance_grad", _optional(lambda v: _finite(v) and v >= 0), "a finite number >= 0"),
+    ("tolerance_change", _optional(lambda v: _finite(v) and v >= 0), "a finite number >= 0"),
     ("collocation", _optional(lambda v: v >= 1), "an integer >= 1"),
     ("boundary_points", _optional(lambda v: v >= 1), "an integer >= 1"),
     ("collocation_batch", lambda v: v >= 0, "an integer >= 0 (0: full batch)"),
@@ -149,6 +151,11 @@ def validate_train_args(args: argparse.Namespace) -> None:
     if not searching and getattr(args, "line_search", "none") != "none":
         raise UsageError(f"--line-search {args.line_search} needs --optimizer lbfgs or "
                          f"mlbfgs (or --switch-at with --switch-to), not {optimizer}")
+    tolerances = [d for d in ("tolerance_grad", "tolerance_change")
+                  if getattr(args, d, None) is not None]
+    if tolerances and not ("lbfgs" in searching or searched_mlbfgs(args)):
+        raise UsageError(f"{flag(tolerances[0])} applies to L-BFGS: --optimizer lbfgs, or "
+                         f"mlbfgs with --line-search (also after --switch-at)")
     _check_pinn_args(args)
     if optimizer != "mlbfgs" and getattr(args, "grad_reduce", None) == "reducescatter":
         # The baselines read every gradient on every rank: only an allreduce serves them.

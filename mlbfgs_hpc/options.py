@@ -81,18 +81,24 @@ def default_warmup_steps(total_steps: int) -> int:
 _DEFAULTS = MLBFGSConfig()
 
 
-def lbfgs_search_settings(line_search: str, *, max_iter: int = 1) -> dict[str, Any]:
+def lbfgs_search_settings(line_search: str, *, max_iter: int = 1,
+                          tolerance_grad: float | None = None,
+                          tolerance_change: float | None = None) -> dict[str, Any]:
     """The ``torch.optim.LBFGS`` param-group entries of ``--line-search`` for ``max_iter``
-    iterations per step.
+    iterations per step (and the tolerances, where given).
 
     ``max_eval`` is torch's default (``max_iter · 5 // 4``), except for a search with one
     iteration per step (the classification trainer's), where torch's 1 would leave the search
     no evaluation after the step's first: it then gets :data:`LINE_SEARCH_EVALS` more (as
     :class:`~mlbfgs_hpc.MLBFGS` does, :func:`~mlbfgs_hpc.config.default_max_eval`).
     """
+    tolerances = {name: value for name, value in (("tolerance_grad", tolerance_grad),
+                                                  ("tolerance_change", tolerance_change))
+                  if value is not None}
     if line_search == "none":
-        return {"line_search_fn": None, "max_eval": max_iter * 5 // 4}
-    return {"line_search_fn": line_search, "max_eval": default_max_eval(max_iter)}
+        return {"line_search_fn": None, "max_eval": max_iter * 5 // 4, **tolerances}
+    return {"line_search_fn": line_search, "max_eval": default_max_eval(max_iter),
+            **tolerances}
 
 
 #: The mL-BFGS flags whose default depends on the mode (with or without ``--line-search``):
@@ -252,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-iter", type=int, default=None,
       help="L-BFGS iterations per step of lbfgs, and of mlbfgs with --line-search (torch's "
            "max_iter; default 20 for a full-batch PINN, else 1)")
+    a("--tolerance-grad", type=float, default=None,
+      help="L-BFGS (lbfgs, and mlbfgs with --line-search): a step() stops once max|g| is at "
+           "most this (torch's tolerance_grad; default 1e-7)")
+    a("--tolerance-change", type=float, default=None,
+      help="L-BFGS: a step() stops once gᵀd, the step or the change of the loss is below "
+           "this (torch's tolerance_change; default 1e-9, an absolute scale that stops a "
+           "PINN near a loss of 1e-5; DeepXDE passes 0)")
     a("--update-freq", type=int, default=None, help=_mode_help("update_freq"))
     a("--beta-param", type=float, default=None, help=_mode_help("beta_param"))
     a("--beta-grad", type=float, default=None, help=_mode_help("beta_grad"))

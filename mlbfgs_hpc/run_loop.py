@@ -102,7 +102,9 @@ class TrainingRun:
         if name == "mlbfgs":
             from .blocks import build_blocks
             search = {} if a.line_search == "none" else {
-                "line_search_fn": a.line_search, "max_iter": a.max_iter}
+                "line_search_fn": a.line_search, "max_iter": a.max_iter,
+                **{k: getattr(a, k) for k in ("tolerance_grad", "tolerance_change")
+                   if getattr(a, k, None) is not None}}
             return MLBFGS(
                 self.model.parameters(), blocks=build_blocks(self.model, block_size=a.block_size),
                 lr=lr, weight_decay=a.weight_decay, history_size=a.history_size,
@@ -121,7 +123,10 @@ class TrainingRun:
                 momentum=a.momentum, nesterov=a.nesterov, weight_decay=a.weight_decay,
                 adamw_lr=getattr(a, "muon_adamw_lr", None), history_size=a.history_size,
                 max_iter=a.max_iter,
-                lbfgs_settings=lbfgs_search_settings(a.line_search, max_iter=a.max_iter))
+                lbfgs_settings=lbfgs_search_settings(
+                    a.line_search, max_iter=a.max_iter,
+                    tolerance_grad=getattr(a, "tolerance_grad", None),
+                    tolerance_change=getattr(a, "tolerance_change", None)))
         except ValueError as exc:  # e.g. muon on a model without hidden linear layers
             raise UsageError(f"--optimizer {name}: {exc}") from exc
 

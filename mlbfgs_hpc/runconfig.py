@@ -16,7 +16,8 @@ training tools follow: **the command line of the resumed run wins; the state con
   :func:`replan_schedule` does it for any schedule the trainer builds, by building the new
   one and stepping it to the current step.
 * **Param-group settings** (``--weight-decay``; ``--momentum`` of ``mlbfgs`` and ``sgd``;
-  ``--nesterov`` of ``sgd``; ``--line-search`` of ``lbfgs``, stored by torch as
+  ``--nesterov`` of ``sgd``; ``--tolerance-grad``/``--tolerance-change`` of ``lbfgs``;
+  ``--line-search`` of ``lbfgs``, stored by torch as
   ``line_search_fn``/``max_eval``) are set on the loaded param groups; the other mL-BFGS
   hyper-parameters are the new optimizer's.
 * Everything else (checkpointing, logging, device, ...) simply takes the new value.
@@ -44,7 +45,8 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LR
 SCHEDULE_KEYS: frozenset[str] = frozenset({"steps", "epochs", "lr", "step_size", "gamma",
                                            "warmup_steps", "muon_adamw_lr"})
 #: Settings stored in the optimizer's param groups (set again after loading).
-GROUP_KEYS: tuple[str, ...] = ("weight_decay", "momentum", "nesterov")
+GROUP_KEYS: tuple[str, ...] = ("weight_decay", "momentum", "nesterov", "tolerance_grad",
+                               "tolerance_change")
 #: Keys of the stored configuration that are not settings a user changes (derived, or how
 #: the resume itself is asked for).
 NOT_COMPARED: frozenset[str] = frozenset({"resume", "total_steps", "world_size", "quiet"})

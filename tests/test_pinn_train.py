@@ -132,6 +132,8 @@ def test_the_baselines_run_under_the_same_command(tmp_path: Path, optimizer: lis
     (["--collocation-batch", "1000"], "more than the 400 interior points"),
     (["--optimizer", "mlbfgs", "--line-search", "strong_wolfe", "--momentum", "0.9"],
      "--momentum must be 0 with --line-search"),
+    (["--optimizer", "adam", "--tolerance-change", "0"],
+     "--tolerance-change applies to L-BFGS"),
 ])
 def test_pinn_usage_errors_are_one_line(tmp_path: Path, extra: list[str], message: str
                                         ) -> None:
@@ -145,3 +147,31 @@ def test_dtype_needs_a_pinn(tmp_path: Path) -> None:
     code, out = run_training(["--dtype", "float64", "--steps", "1", "--run-dir",
                               str(tmp_path / "r")], log=tmp_path / "log", timeout=100)
     assert code == 2 and "--dtype needs --pde" in out, out[-2000:]
+
+
+def test_the_lbfgs_tolerances_reach_both_optimizers_and_a_resume(tmp_path: Path) -> None:
+    # torch's defaults (1e-7, 1e-9) are absolute: a PINN whose loss is 1e-5 stops on them.
+    # The flags set torch's param groups and MLBFGS's search, and a resumed run's flags win.
+    from mlbfgs_hpc.comm import LocalCommunicator
+    from mlbfgs_hpc.train import build_parser, build_trainer
+
+    def trainer(run: str, *extra: str):
+        args = build_parser().parse_args([*SMALL, "--threads", "1", "--run-dir",
+                                          str(tmp_path / run), *extra])
+        return build_trainer(args=args, comm=LocalCommunicator())
+
+    search = ["--line-search", "strong_wolfe"]
+    lbfgs = trainer("lbfgs", "--optimizer", "lbfgs", *search, "--tolerance-grad", "0",
+                    "--tolerance-change", "0")
+    group = lbfgs.optimizer.param_groups[0]
+    assert (group["tolerance_grad"], group["tolerance_change"]) == (0.0, 0.0)
+    mine = trainer("mine", "--optimizer", "mlbfgs", *search, "--tolerance-change", "1e-12")
+    assert mine.optimizer.line_search.tolerance_change == 1e-12
+    assert mine.optimizer.line_search.tolerance_grad == 1e-7     # torch's default
+    first = trainer("resumed", "--optimizer", "lbfgs", *search, "--steps", "2")
+    assert first.run() == 0
+    assert first.optimizer.param_groups[0]["tolerance_change"] == 1e-9
+    again = trainer("resumed", "--optimizer", "lbfgs", *search, "--steps", "3",
+                    "--tolerance-change", "0")
+    assert again.run() == 0 and again.step == 3
+    assert again.optimizer.param_groups[0]["tolerance_change"] == 0.0
