@@ -183,9 +183,9 @@ def _add_pinn_arguments(p: argparse.ArgumentParser) -> None:
                            "task's)")
     pinn.add_argument("--dtype", choices=("float32", "float64"), default=None,
                       help="precision of the network, the points and the optimizer's state "
-                           "(default: float32). float64 removes the float32 floor that "
-                           "stops L-BFGS near a relative L2 error of 1e-4 (docs/pinn.md), "
-                           "at about twice the time per closure evaluation on CPUs")
+                           "(default: float32). float64 has no float32 floor, where the "
+                           "loss's rounding hides every decrease and L-BFGS stops for good "
+                           "(docs/pinn.md), at 1.7-2x the time per closure on a CPU core")
     switch = p.add_argument_group(
         "switching optimizers (the PINN recipe: Adam, then L-BFGS)",
         "Steps [0, --switch-at) use --optimizer, the rest --switch-to (fresh state, constant "

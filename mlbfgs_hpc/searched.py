@@ -21,10 +21,16 @@ One ``step()``::
       stop on max_eval, max|g| ≤ tolerance_grad, t·max|d| ≤ tolerance_change or
       |Δf| < tolerance_change
 
-With β = 0 and T = 1 (the defaults here) a pair is (θₖ − θₖ₋₁, gₖ − gₖ₋₁), the pair of
-``torch.optim.LBFGS``: within one ``step()`` both gradients come from the same closure; across
-``step()`` calls, from the closures of consecutive calls (a new mini-batch each, when the
-caller resamples). With β > 0 the pairs are mL-BFGS's momentum pairs (the EMAs' change).
+With β = 0 and T = 1 (the defaults here) a pair is (tₖ₋₁·dₖ₋₁, gₖ − gₖ₋₁), the pair of
+``torch.optim.LBFGS``: s is the step the search chose, not the difference of the stored
+iterates, which in float32 differs from it by the rounding of θ + t·d (late in a run, when
+|t·d| ≪ |θ|, by percents per element; measured: with the stored difference MLBFGS stalled
+above torch's error on the Poisson PINN, with t·d it reaches what torch reaches). Within one
+``step()`` both gradients come from the same closure; across ``step()`` calls, from the
+closures of consecutive calls (a new mini-batch each, when the caller resamples). The last
+step lives in the flat buffer ``momentum_buffer`` (unused otherwise: a search takes no
+momentum), so checkpoints carry it. With β > 0 or T > 1 the pairs are mL-BFGS's momentum
+pairs (the EMAs' change).
 """
 
 from __future__ import annotations
@@ -112,6 +118,11 @@ class SearchedSteps:
         #: Closure evaluations of the last step() (a diagnostic).
         self.last_step_evals = 0
         self._warned_no_progress = False
+        # torch's pairs (β = 0, T = 1): s = t·d of the last move, kept where a search has no
+        # use for the outer momentum's buffer (and so in every checkpoint).
+        self._pairs_from_steps = (config.beta_param == 0.0 and config.beta_grad == 0.0
+                                  and config.update_freq == 1)
+        self._last_step = flat_state["momentum_buffer"]
 
     @classmethod
     def for_optimizer(cls, optimizer: Any) -> SearchedSteps:
@@ -237,6 +248,8 @@ class SearchedSteps:
             self.last_step_evals += evals
             loss = point.loss
             self.last_step_length.fill_(point.t)
+            if self._pairs_from_steps:
+                torch.mul(self.owned_direction, point.t, out=self._last_step)
             if point.t == 0.0:
                 self._warn_no_progress(previous_loss)
             if int(self.func_evals) - evals_before >= s.max_eval:
@@ -326,7 +339,9 @@ class SearchedSteps:
             return
         m_param, m_grad = state["m_param"], state["m_grad"]
         if iteration >= 2 * cfg.update_freq:
-            s = m_param - state["snap_param"]
+            # torch's s = t·d (zero when nothing moved since the last pair), or the EMAs'.
+            s = (self._last_step.clone() if self._pairs_from_steps
+                 else m_param - state["snap_param"])
             y = m_grad - state["snap_grad"]
             rows = self.comm.allgather_scalars(self.curvature.pair_row(s, y))
             self.curvature.offer(s, y, sum_in_rank_order(rows))
@@ -335,6 +350,8 @@ class SearchedSteps:
             self.counters["last_gamma"].fill_(float(self.curvature.gamma))
         state["snap_param"].copy_(m_param)
         state["snap_grad"].copy_(m_grad)
+        if self._pairs_from_steps:
+            self._last_step.zero_()
 
     def _descent_direction(self) -> float:
         """``d = −H·g`` (``−g`` before the first pair) into the owned direction; returns

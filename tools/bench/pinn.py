@@ -160,7 +160,8 @@ def plan(name: str, *, tasks: list[str], seeds: list[int], settings: list[str] |
             chosen = settings or [s for s in grid
                                   if s not in ("mlbfgs_it1", "lbfgs_dx", "mlbfgs_dx")]
             for seed in seeds:
-                specs += [RunSpec(s, task, seed, 0, tuple(grid[s]), task_budget) for s in chosen]
+                specs += [RunSpec(s, task, seed, 0, tuple(grid[s]), task_budget)
+                          for s in chosen]
         elif name == "resampled":
             variants = resampled_settings(task)
             chosen = settings or list(variants)
@@ -169,7 +170,8 @@ def plan(name: str, *, tasks: list[str], seeds: list[int], settings: list[str] |
                                   tuple(variants[v][1].items())) for v in chosen]
         elif name == "ranks":
             for seed in seeds:
-                specs += [RunSpec("mlbfgs_2ranks", task, seed, 2, tuple(grid["mlbfgs"]), task_budget),
+                specs += [RunSpec("mlbfgs_2ranks", task, seed, 2, tuple(grid["mlbfgs"]),
+                                  task_budget),
                           RunSpec("lbfgs_2threads", task, seed, 0,
                                   (*grid["lbfgs"], "--threads", "2"), task_budget, alone=True)]
         elif name == "scaling":
