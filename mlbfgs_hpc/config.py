@@ -169,8 +169,8 @@ class LineSearchConfig:
 
 
 #: The defaults that change when ``line_search_fn`` is set: what serves exact (full-batch or
-#: low-noise) gradients, as ``torch.optim.LBFGS`` does. Pairs from consecutive iterates at
-#: every iteration (no EMAs, T = 1), the standard γ = sᵀy/yᵀy, no damping window, no grafting
+#: low-noise) gradients, as ``torch.optim.LBFGS`` does. A pair from every iteration's step
+#: (s = t·d, as torch; no EMAs, T = 1), the standard γ = sᵀy/yᵀy, no damping window, no grafting
 #: (the search sizes the step), no outer momentum (the step must stay along the searched
 #: direction), torch's lr 1 and history 100 (BENCHMARKS.md: PINN tasks).
 SEARCHED_DEFAULTS: dict[str, object] = {
