@@ -151,8 +151,7 @@ def validate_train_args(args: argparse.Namespace) -> None:
     if not searching and getattr(args, "line_search", "none") != "none":
         raise UsageError(f"--line-search {args.line_search} needs --optimizer lbfgs or "
                          f"mlbfgs (or --switch-at with --switch-to), not {optimizer}")
-    tolerances = [d for d in ("tolerance_grad", "tolerance_change")
-                  if getattr(args, d, None) is not None]
+    tolerances = list(given_tolerances(args))
     if tolerances and not ("lbfgs" in searching or searched_mlbfgs(args)):
         raise UsageError(f"{flag(tolerances[0])} applies to L-BFGS: --optimizer lbfgs, or "
                          f"mlbfgs with --line-search (also after --switch-at)")
@@ -179,6 +178,16 @@ def train_args_ok(args: argparse.Namespace, *, prog: str = "mlbfgs-train") -> bo
         print_usage_error(prog, str(exc), rank=launcher_rank())
         return False
     return True
+
+
+#: ``torch.optim.LBFGS``'s stopping tolerances, as flags (``--tolerance-grad``, ...).
+LBFGS_TOLERANCES: tuple[str, ...] = ("tolerance_grad", "tolerance_change")
+
+
+def given_tolerances(args: Any) -> dict[str, float]:
+    """The :data:`LBFGS_TOLERANCES` the command line set (the others keep torch's)."""
+    return {name: getattr(args, name) for name in LBFGS_TOLERANCES
+            if getattr(args, name, None) is not None}
 
 
 def searched_mlbfgs(args: argparse.Namespace) -> bool:

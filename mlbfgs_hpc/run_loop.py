@@ -32,7 +32,7 @@ import torch
 from . import checkpoint as ckpt
 from . import runconfig
 from .baselines import MuonWithAdamW, build_baseline
-from .cli import UsageError, print_usage_error
+from .cli import UsageError, given_tolerances, print_usage_error
 from .comm import GradientReducer, LocalCommunicator
 from .device import resolve_device
 from .divergence import DivergenceReport, TrainingDivergedError
@@ -103,8 +103,7 @@ class TrainingRun:
             from .blocks import build_blocks
             search = {} if a.line_search == "none" else {
                 "line_search_fn": a.line_search, "max_iter": a.max_iter,
-                **{k: getattr(a, k) for k in ("tolerance_grad", "tolerance_change")
-                   if getattr(a, k, None) is not None}}
+                **given_tolerances(a)}
             return MLBFGS(
                 self.model.parameters(), blocks=build_blocks(self.model, block_size=a.block_size),
                 lr=lr, weight_decay=a.weight_decay, history_size=a.history_size,
@@ -123,10 +122,8 @@ class TrainingRun:
                 momentum=a.momentum, nesterov=a.nesterov, weight_decay=a.weight_decay,
                 adamw_lr=getattr(a, "muon_adamw_lr", None), history_size=a.history_size,
                 max_iter=a.max_iter,
-                lbfgs_settings=lbfgs_search_settings(
-                    a.line_search, max_iter=a.max_iter,
-                    tolerance_grad=getattr(a, "tolerance_grad", None),
-                    tolerance_change=getattr(a, "tolerance_change", None)))
+                lbfgs_settings=lbfgs_search_settings(a.line_search, max_iter=a.max_iter,
+                                                     **given_tolerances(a)))
         except ValueError as exc:  # e.g. muon on a model without hidden linear layers
             raise UsageError(f"--optimizer {name}: {exc}") from exc
 
